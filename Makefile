@@ -1,0 +1,36 @@
+# swaserve: `make up` starts the embedded default, `make test` tests it.
+# Every target that needs the venv depends on `setup`, so each works alone on a fresh clone.
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.swaserve-setup
+MODEL   ?= mimo-tiny
+PROMPT  ?= The capital of France is
+PYTEST_ARGS ?=
+
+.PHONY: setup up test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	@touch $(STAMP)
+
+up: setup
+	$(VENV)/bin/swaserve generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 24
+
+test: setup
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(VENV)/bin/pytest -q -m '' $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy services swaserve
+
+bench: setup
+	$(PY) bench/engine.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

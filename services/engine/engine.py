@@ -1,0 +1,191 @@
+"""The engine: a model, its two KV pools, the radix cache, the scheduler and the sampler, in one loop.
+
+    add_request() -> waiting queue
+    step():  schedule a packed batch -> forward -> sample the requests that reached their end
+             -> commit KV (prompt ends go to the radix cache) -> finish what stopped
+
+The prefill and decode services wrap this loop; `generate()` runs it to completion.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.engine.kv.events import EventBuffer
+from services.engine.kv.page_pool import PagePool
+from services.engine.kv.radix_cache import RadixCache
+from services.engine.kv_store import KVStore, LayerKVSpec
+from services.engine.model_runner import ModelRunner
+from services.engine.queue_policy import make_queue_policy
+from services.engine.request import Req, ReqStatus
+from services.engine.sampling import Sampler, SamplingParams
+from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.stop_check import check_finish, output_text
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    page_size: int = 16
+    max_total_tokens: int = 32768  # capacity of the full-attention pool, in tokens
+    swa_pages: int | None = None  # default: room for max_running windows plus as many cached tails
+    chunk_size: int = 512
+    max_batch_tokens: int = 2048
+    max_running: int = 32
+    queue_policy: str = "fcfs"
+    enable_prefix_cache: bool = True
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.max_total_tokens < self.page_size:
+            raise ValueError("max_total_tokens must hold at least one page")
+
+
+def kv_specs(model_cfg: Any) -> list[LayerKVSpec]:
+    return [
+        LayerKVSpec(kind=g.kind, kv_heads=g.kv_heads, k_dim=g.k_head_dim, v_dim=g.v_head_dim)
+        for g in model_cfg.kv_geometry()
+    ]
+
+
+def swa_window(model_cfg: Any) -> int:
+    """Previous tokens an SWA query sees; 0 for a model without SWA layers (no SWA KV is kept)."""
+    return int(model_cfg.window) if "swa" in model_cfg.layer_kinds else 0
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, model_cfg: Any, cfg: EngineConfig, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        p = cfg.page_size
+        self.window = swa_window(model_cfg)
+        window_pages = math.ceil(self.window / p) + 2
+        num_full = cfg.max_total_tokens // p
+        num_swa = cfg.swa_pages if cfg.swa_pages is not None else 2 * cfg.max_running * window_pages
+        if num_swa < window_pages:
+            raise ValueError(f"swa_pages must be >= {window_pages} (one request's window)")
+        self.full_pool = PagePool(num_full, p, "full")
+        self.swa_pool = PagePool(num_swa, p, "swa")
+        self.store = KVStore(kv_specs(model_cfg), num_full, num_swa, p, DTYPES[cfg.dtype], cfg.device)
+        self.events = EventBuffer()
+        self.cache = RadixCache(p, self.window, self.full_pool, self.swa_pool, event_sink=self.events)
+        sched_cfg = SchedulerConfig(
+            page_size=p,
+            window=self.window,
+            chunk_size=cfg.chunk_size,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_running=cfg.max_running,
+            enable_prefix_cache=cfg.enable_prefix_cache,
+        )
+        self.scheduler = Scheduler(
+            sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy)
+        )
+        self.runner = ModelRunner(model, self.store, cfg.device)
+        self.sampler = Sampler(cfg.seed)
+        self.eos_ids = frozenset(model_cfg.eos_token_ids)
+        self.max_context = int(model_cfg.max_position_embeddings)
+        self._ids = itertools.count()
+        # called with (req, fp32 logits [vocab]) for every sampled position; e.g. to dump prompt logits
+        self.logits_hook: Callable[[Req, torch.Tensor], None] | None = None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, cfg: EngineConfig | None = None) -> Engine:
+        from tokenizers import Tokenizer
+
+        from services.engine.checkpoint import load_model
+
+        cfg = cfg or EngineConfig()
+        model = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device)
+        tok_path = Path(model_dir) / "tokenizer.json"
+        tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
+        return cls(model, model.config, cfg, tokenizer)
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, rid: str | None = None) -> Req:
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = int(self.model_cfg.vocab_size)
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_context:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_context} "
+                "(prompt plus at least one generated token)"
+            )
+        if len(ids) + 1 > self.full_pool.num_pages * self.cfg.page_size:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the KV pool holds {self.full_pool.num_pages * self.cfg.page_size}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
+        req = Req(rid=rid or f"req-{next(self._ids)}", prompt_ids=ids, params=params)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, req: Req) -> None:
+        from services.engine.request import FinishReason
+
+        req.finish(FinishReason.ABORT)
+        self.scheduler.finish(req)
+        self.sampler.forget(req.rid)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[Req]:
+        """One forward. Returns the requests that got a token (finished ones included)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.forward(batch)
+        sampling = [st for st in batch if st.samples]
+        picked = self.sampler.sample(logits, [st.req.rid for st in sampling], [st.req.params for st in sampling])
+        for st in batch:
+            self.scheduler.commit(st)
+        decode = self.decode_ids if self.tokenizer is not None else None
+        for row, (st, s) in enumerate(zip(sampling, picked, strict=True)):
+            req = st.req
+            if self.logits_hook is not None:
+                self.logits_hook(req, logits[row])
+            req.output_ids.append(s.token_id)
+            req.output_logprobs.append(s.logprob)
+            check_finish(req, self.eos_ids, self.max_context, decode)
+            if req.status is ReqStatus.FINISHED:
+                self.scheduler.finish(req)
+                self.sampler.forget(req.rid)
+        return [st.req for st in sampling]
+
+    def run(self) -> None:
+        while self.has_work():
+            if not self.step() and not self.scheduler.running and self.scheduler.waiting:
+                raise RuntimeError("no request could be scheduled: the KV pools are too small")
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Req]:
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        self.run()
+        return reqs
+
+    # -- text ----------------------------------------------------------------------------------
+    def decode_ids(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer")
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def text(self, req: Req) -> str:
+        return output_text(req, self.decode_ids)

@@ -1,0 +1,54 @@
+"""The KV tensors: one K and one V buffer per layer, indexed by flat slot (page * page_size + offset).
+
+Full-attention layers index the full pool's pages, SWA layers the SWA pool's: the two pools are
+ordinary page pools (services/engine/kv/page_pool.py) that only hand out ids; this is the one place
+that holds the bytes. Page ids mean the same thing in every layer of a kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerKVSpec:
+    kind: str  # "full" or "swa"
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.kv_heads * (self.k_dim + self.v_dim) * torch.empty((), dtype=dtype).element_size()
+
+
+class KVStore:
+    def __init__(
+        self,
+        specs: list[LayerKVSpec],
+        num_full_pages: int,
+        num_swa_pages: int,
+        page_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.specs = specs
+        self.page_size = page_size
+        self.dtype = dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for spec in specs:
+            if spec.kind not in ("full", "swa"):
+                raise ValueError(f"unknown layer kind {spec.kind!r}")
+            slots = (num_full_pages if spec.kind == "full" else num_swa_pages) * page_size
+            self.k.append(torch.zeros(slots, spec.kv_heads, spec.k_dim, dtype=dtype, device=device))
+            self.v.append(torch.zeros(slots, spec.kv_heads, spec.v_dim, dtype=dtype, device=device))
+
+    def page_bytes(self, kind: str) -> int:
+        """Bytes one page of `kind` occupies across all layers of that kind."""
+        per_token = sum(s.bytes_per_token(self.dtype) for s in self.specs if s.kind == kind)
+        return per_token * self.page_size
+
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

