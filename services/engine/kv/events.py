@@ -1,0 +1,150 @@
+"""KV cache events: what a worker's cache stored, removed or cleared, as typed messages.
+
+Cache state travels as events, never as snapshots. A worker's radix cache emits them through a
+sink (any `Callable[[KVEvent], None]`; `EventBuffer` collects them) and the worker publishes their
+`to_dict()` form (JSON-safe) for the router, which rebuilds them with `KVEvent.from_dict`.
+
+Hashes are `services.common.block_hash` block hashes of the page's whole prefix, so a consumer
+needs no tree to place a block. `kind` says which KV the event is about: "full" (full-attention
+layers, every token) or "swa" (sliding-window layers; an SWA page may be dropped while the full
+page at the same position stays, which is a "swa" BlockRemoved alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, cast
+
+from services.common.block_hash import BlockHash, hash_from_hex, hash_to_hex
+
+KVKind = Literal["full", "swa"]
+_KINDS: tuple[KVKind, ...] = ("full", "swa")
+
+
+def _kind(value: Any) -> KVKind:
+    if value not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {value!r}")
+    return cast(KVKind, value)
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """Base of the three events; `KVEvent.from_dict` rebuilds any of them."""
+
+    type_name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> KVEvent:
+        kind = d.get("type")
+        if kind == BlockStored.type_name:
+            return BlockStored(
+                kind=_kind(d["kind"]),
+                block_hashes=tuple(hash_from_hex(h) for h in d["block_hashes"]),
+                parent_hash=hash_from_hex(d["parent_hash"]),
+                token_ids=tuple(int(t) for t in d["token_ids"]),
+                page_size=int(d["page_size"]),
+            )
+        if kind == BlockRemoved.type_name:
+            return BlockRemoved(
+                kind=_kind(d["kind"]), block_hashes=tuple(hash_from_hex(h) for h in d["block_hashes"])
+            )
+        if kind == AllCleared.type_name:
+            return AllCleared()
+        raise ValueError(f"unknown KV event type {kind!r}")
+
+
+@dataclass(frozen=True)
+class BlockStored(KVEvent):
+    """Consecutive pages were stored: block_hashes[i] is the page at token_ids[i*page_size:(i+1)*page_size].
+
+    `parent_hash` is the hash of the page just before block_hashes[0] (ROOT_HASH at the start of a
+    sequence). `token_ids` is FLAT: len(token_ids) == len(block_hashes) * page_size.
+    """
+
+    type_name: ClassVar[str] = "stored"
+    kind: KVKind
+    block_hashes: tuple[BlockHash, ...]
+    parent_hash: BlockHash
+    token_ids: tuple[int, ...]
+    page_size: int
+
+    def __post_init__(self) -> None:
+        _kind(self.kind)
+        if self.page_size <= 0 or len(self.token_ids) != len(self.block_hashes) * self.page_size:
+            raise ValueError(
+                f"{len(self.token_ids)} token ids for {len(self.block_hashes)} blocks of {self.page_size}"
+            )
+
+    def block_tokens(self, i: int) -> tuple[int, ...]:
+        """The tokens of block i."""
+        return self.token_ids[i * self.page_size : (i + 1) * self.page_size]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type_name,
+            "kind": self.kind,
+            "block_hashes": [hash_to_hex(h) for h in self.block_hashes],
+            "parent_hash": hash_to_hex(self.parent_hash),
+            "token_ids": list(self.token_ids),
+            "page_size": self.page_size,
+        }
+
+
+@dataclass(frozen=True)
+class BlockRemoved(KVEvent):
+    """The pages with these hashes are no longer cached (of this kind)."""
+
+    type_name: ClassVar[str] = "removed"
+    kind: KVKind
+    block_hashes: tuple[BlockHash, ...]
+
+    def __post_init__(self) -> None:
+        _kind(self.kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type_name,
+            "kind": self.kind,
+            "block_hashes": [hash_to_hex(h) for h in self.block_hashes],
+        }
+
+
+@dataclass(frozen=True)
+class AllCleared(KVEvent):
+    """Everything this worker cached is gone."""
+
+    type_name: ClassVar[str] = "cleared"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_name}
+
+
+class EventBuffer:
+    """An event sink that keeps events until drained (in emission order)."""
+
+    def __init__(self) -> None:
+        self._events: list[KVEvent] = []
+
+    def __call__(self, event: KVEvent) -> None:
+        self._events.append(event)
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def drain(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+
+__all__ = [
+    "AllCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EventBuffer",
+    "KVEvent",
+    "KVKind",
+]
