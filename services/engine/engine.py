@@ -22,6 +22,7 @@ from services.engine.kv.events import EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.kv_store import KVStore, LayerKVSpec
+from services.engine.model import CausalLM
 from services.engine.model_runner import ModelRunner
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req, ReqStatus
@@ -55,18 +56,20 @@ class EngineConfig:
 
 def kv_specs(model_cfg: Any) -> list[LayerKVSpec]:
     return [
-        LayerKVSpec(kind=g.kind, kv_heads=g.kv_heads, k_dim=g.k_head_dim, v_dim=g.v_head_dim)
-        for g in model_cfg.kv_geometry()
+        LayerKVSpec(
+            kind="full" if g.window is None else "swa", kv_heads=g.kv_heads, k_dim=g.k_head_dim, v_dim=g.v_head_dim
+        )
+        for g in model_cfg.kv_geometries
     ]
 
 
 def swa_window(model_cfg: Any) -> int:
     """Previous tokens an SWA query sees; 0 for a model without SWA layers (no SWA KV is kept)."""
-    return int(model_cfg.window) if "swa" in model_cfg.layer_kinds else 0
+    return int(model_cfg.window) if model_cfg.window is not None else 0
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, model_cfg: Any, cfg: EngineConfig, tokenizer: Any = None) -> None:
+    def __init__(self, model: CausalLM, model_cfg: Any, cfg: EngineConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer

@@ -8,12 +8,13 @@ import torch
 
 from services.engine.attention_backend import SeqSegment
 from services.engine.kv_store import KVStore
+from services.engine.model import CausalLM
 from services.engine.paged_backend import PagedBackend
 from services.engine.scheduler import ScheduledStep
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, store: KVStore, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: CausalLM, store: KVStore, device: str | torch.device = "cpu") -> None:
         self.model = model
         self.store = store
         self.device = torch.device(device)

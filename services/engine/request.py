@@ -24,7 +24,7 @@ class ReqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # eos, stop token or stop string
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"
