@@ -106,7 +106,12 @@ class ReqPages:
         write_start = max(start, swa_keep_start(end, p, w))
         needed = [i for i in range(write_start // p, last + 1) if i not in self.swa]
         dropped = [i for i in self.swa if i < keep_first]
-        reusable = [i for i in dropped if self.swa_pool.refcount(self.swa[i]) == 1][: len(needed)]
+        # a one-token step (decode) never re-uses a page it still reads, so its backend may write the
+        # new token before gathering its context; a chunk's backend reads every layer before writing
+        still_read = max(0, start - w) // p if end - start == 1 else 0
+        reusable = [
+            i for i in dropped if self.swa_pool.refcount(self.swa[i]) == 1 and (end - start > 1 or i < still_read)
+        ][: len(needed)]
         n_full = max(0, last + 1 - len(self.full))
         n_swa = len(needed) - len(reusable)
         new_full = self.full_pool.alloc(n_full)
