@@ -10,11 +10,18 @@ PYTEST_ARGS ?=
 
 .PHONY: setup up test test-all lint bench clean
 
-setup: $(STAMP)
+PROTO_STAMP := services/proto_gen/.stamp
+
+setup: $(STAMP) $(PROTO_STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 	@touch $(STAMP)
+
+# gRPC stubs, regenerated whenever a .proto changes
+$(PROTO_STAMP): $(STAMP) $(wildcard proto/*.proto) scripts/gen_proto.sh
+	PY=$(PY) bash scripts/gen_proto.sh
+	@touch $(PROTO_STAMP)
 
 up: setup
 	$(VENV)/bin/swaserve generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 24

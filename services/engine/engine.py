@@ -18,15 +18,18 @@ from typing import Any
 
 import torch
 
+from services.common.kv_payload import KVPayload
 from services.engine.kv.events import EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
+from services.engine.kv.req_pages import ReqPages
 from services.engine.kv_store import KVStore, LayerKVSpec
+from services.engine.kv_transfer import export_kv, install_kv
 from services.engine.model import CausalLM
 from services.engine.model_runner import ModelRunner
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req, ReqStatus
-from services.engine.sampling import Sampler, SamplingParams
+from services.engine.sampling import Sampled, Sampler, SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
 
@@ -103,6 +106,8 @@ class Engine:
         self._ids = itertools.count()
         # called with (req, fp32 logits [vocab]) for every sampled position; e.g. to dump prompt logits
         self.logits_hook: Callable[[Req, torch.Tensor], None] | None = None
+        # called with a request that just finished, before its pages are released (e.g. to export KV)
+        self.finish_hook: Callable[[Req], None] | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, cfg: EngineConfig | None = None) -> Engine:
@@ -139,6 +144,46 @@ class Engine:
         self.scheduler.add(req)
         return req
 
+    # -- disaggregation: KV out of a prefill engine, into a decode engine -----------------------
+    def export_kv(self, req: Req) -> KVPayload:
+        """The KV of req's computed tokens (full: all, SWA: the window); call from finish_hook."""
+        if req.pages is None:
+            raise RuntimeError(f"{req.rid} holds no KV")
+        return export_kv(self.store, req.pages, req.rid)
+
+    def free_tokens(self) -> int:
+        """Tokens of KV the full pool could still take (free pages plus what the cache can give back)."""
+        return (self.full_pool.num_free + self.cache.evictable_full_pages()) * self.cfg.page_size
+
+    def add_prefilled(
+        self, prompt_ids: Sequence[int], first: Sampled, payload: KVPayload, params: SamplingParams
+    ) -> Req:
+        """Continue a request whose prompt was prefilled elsewhere: install its KV, decode from here.
+
+        Raises OutOfPages (after evicting what the cache can give) if the pools cannot take it.
+        """
+        ids = list(prompt_ids)
+        if payload.meta.num_tokens != len(ids):
+            raise ValueError(f"KV covers {payload.meta.num_tokens} tokens, the prompt has {len(ids)}")
+        req = Req(rid=payload.meta.rid, prompt_ids=ids, params=params)
+        pages = ReqPages(self.full_pool, self.swa_pool, self.window)
+        need_full, need_swa = pages.new_pages_needed(len(ids))
+        self.cache.evict_full(max(0, need_full - self.full_pool.num_free))
+        self.cache.evict_swa(max(0, need_swa - self.swa_pool.num_free))
+        install_kv(self.store, pages, payload)
+        req.pages = pages
+        req.computed_len = len(ids)
+        req.prompt_tail_cached = True  # the prompt's KV lives at the prefill worker's cache
+        req.output_ids.append(first.token_id)
+        req.output_logprobs.append(first.logprob)
+        check_finish(req, self.eos_ids, self.max_context, self.decode_ids if self.tokenizer is not None else None)
+        if req.finished:
+            pages.release_all()
+            req.pages = None
+            return req
+        self.scheduler.add_running(req)
+        return req
+
     def abort(self, req: Req) -> None:
         from services.engine.request import FinishReason
 
@@ -169,6 +214,8 @@ class Engine:
             req.output_logprobs.append(s.logprob)
             check_finish(req, self.eos_ids, self.max_context, decode)
             if req.status is ReqStatus.FINISHED:
+                if self.finish_hook is not None:
+                    self.finish_hook(req)
                 self.scheduler.finish(req)
                 self.sampler.forget(req.rid)
         return [st.req for st in sampling]

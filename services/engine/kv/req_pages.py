@@ -95,6 +95,31 @@ class ReqPages:
         self.swa_pool.incref(list(self.swa.values()))
         self.kv_len = length
 
+    # -- KV that arrives from elsewhere (a prefill worker) -----------------------------------------
+    def install(self, length: int) -> tuple[list[int], list[int]]:
+        """Allocate for KV of [0, length) computed elsewhere; returns (full slots for [0, length),
+        SWA slots for [max(0, length - window), length)). Raises OutOfPages having changed nothing."""
+        p, w = self.page_size, self.window
+        if self.kv_len or self.full:
+            raise RuntimeError("install on a table that already holds pages")
+        if length < 1:
+            raise ValueError("install needs at least one token")
+        n_full = (length - 1) // p + 1
+        swa_idx = list(range(swa_keep_start(length, p, w) // p, (length - 1) // p + 1))
+        full = self.full_pool.alloc(n_full)
+        try:
+            swa = self.swa_pool.alloc(len(swa_idx))
+        except OutOfPages:
+            self.full_pool.decref(full)
+            raise
+        self.full, self.swa, self.kv_len = full, dict(zip(swa_idx, swa, strict=True)), length
+        return self._full_slots(0, length), [self._swa_slot(q) for q in range(max(0, length - w), length)]
+
+    def read_slots(self) -> tuple[list[int], list[int]]:
+        """(full slots for [0, kv_len), SWA slots for [max(0, kv_len - window), kv_len)): what leaves."""
+        n, w = self.kv_len, self.window
+        return self._full_slots(0, n), [self._swa_slot(q) for q in range(max(0, n - w), n)]
+
     # -- one step ------------------------------------------------------------------------------
     def plan_step(self, end: int) -> StepSlots:
         """Allocate for computing [kv_len, end). Raises OutOfPages having changed nothing."""
