@@ -52,7 +52,7 @@ def test_bytes_sent_match_the_geometry(model, n):
     expected = n * per_token["full"] + min(n, window) * per_token["swa"]
     assert payload.nbytes == expected == payload.meta.nbytes
     if window:
-        assert all(k.shape[0] == min(n, window) for k, m in zip(payload.k, payload.meta.layers) if m.kind == "swa")
+        assert all(k.shape[0] == min(n, window) for k, m in zip(payload.k, payload.meta.layers, strict=True) if m.kind == "swa")
 
 
 def test_a_full_decode_pool_refuses_and_keeps_nothing(model):
