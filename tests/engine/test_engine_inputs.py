@@ -8,8 +8,8 @@ import random
 import pytest
 
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.engine.model import greedy_generate
+from services.engine.sampling import SamplingParams
 from tests.engine.tiny_models import mimo_dict, random_model
 
 
