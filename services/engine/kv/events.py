@@ -12,6 +12,7 @@ page at the same position stays, which is a "swa" BlockRemoved alone).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
@@ -124,19 +125,29 @@ class AllCleared(KVEvent):
 
 
 class EventBuffer:
-    """An event sink that keeps events until drained (in emission order)."""
+    """An event sink that keeps events until drained (in emission order).
 
-    def __init__(self) -> None:
-        self._events: list[KVEvent] = []
+    Bounded: with nobody draining (an engine with no publisher), the oldest events are dropped and
+    counted in `dropped`; a consumer that sees `dropped` grow has lost events and must resync.
+    """
+
+    def __init__(self, max_events: int = 100_000) -> None:
+        if max_events < 1:
+            raise ValueError("max_events must be >= 1")
+        self._events: deque[KVEvent] = deque(maxlen=max_events)
+        self.dropped = 0
 
     def __call__(self, event: KVEvent) -> None:
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
         self._events.append(event)
 
     def __len__(self) -> int:
         return len(self._events)
 
     def drain(self) -> list[KVEvent]:
-        events, self._events = self._events, []
+        events = list(self._events)
+        self._events.clear()
         return events
 
 

@@ -58,3 +58,13 @@ def test_event_buffer_drains_in_order() -> None:
     assert len(buf) == 3
     assert buf.drain() == EVENTS[:3]
     assert buf.drain() == [] and len(buf) == 0
+
+
+def test_event_buffer_is_bounded_and_counts_what_it_dropped():
+    from services.engine.kv.events import AllCleared, EventBuffer
+
+    buf = EventBuffer(max_events=3)
+    for _ in range(5):
+        buf(AllCleared())
+    assert len(buf) == 3 and buf.dropped == 2
+    assert len(buf.drain()) == 3 and len(buf) == 0
