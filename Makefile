@@ -4,8 +4,8 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.swaserve-setup
-MODEL   ?= mimo-tiny
-PROMPT  ?= The capital of France is
+MODEL   ?= smollm2
+PORT    ?= 8000
 PYTEST_ARGS ?=
 
 .PHONY: setup up test test-all lint bench clean
@@ -24,7 +24,7 @@ $(PROTO_STAMP): $(STAMP) $(wildcard proto/*.proto) scripts/gen_proto.sh
 	@touch $(PROTO_STAMP)
 
 up: setup
-	$(VENV)/bin/swaserve generate --model $(MODEL) --prompt "$(PROMPT)" --max-tokens 24
+	$(VENV)/bin/swaserve up --model $(MODEL) --port $(PORT)
 
 test: setup
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

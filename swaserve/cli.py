@@ -1,4 +1,4 @@
-"""The `swaserve` command: generate, model init, model import-gguf."""
+"""The `swaserve` command: up, generate, model init, model import-gguf."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import sys
 from collections.abc import Sequence
 
 from swaserve import __version__
+
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    from swaserve.up import add_up_parser
+
+    add_up_parser(sub)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swaserve", description=__doc__)
     p.add_argument("--version", action="version", version=f"swaserve {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_up(sub)
     _add_generate(sub)
     _add_model(sub)
     return p

@@ -176,6 +176,7 @@ class Engine:
         req.prompt_tail_cached = True  # the prompt's KV lives at the prefill worker's cache
         req.output_ids.append(first.token_id)
         req.output_logprobs.append(first.logprob)
+        self.sampler.skip(req.rid, params, int(self.model_cfg.vocab_size))
         check_finish(req, self.eos_ids, self.max_context, self.decode_ids if self.tokenizer is not None else None)
         if req.finished:
             pages.release_all()

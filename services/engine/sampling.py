@@ -122,6 +122,13 @@ class Sampler:
             self._per_request[rid] = gen
         return gen
 
+    def skip(self, rid: str, params: SamplingParams, vocab_size: int) -> None:
+        """Advance a seeded request's generator by the draw another worker already made (its first
+        token was sampled at prefill), so a disaggregated request samples exactly as a local one.
+        A multinomial draw consumes the generator the same way whatever the probabilities."""
+        if params.seed is not None and not params.greedy:
+            torch.multinomial(torch.ones(vocab_size), 1, generator=self._generator(rid, params))
+
     def sample(self, logits: torch.Tensor, rids: Sequence[str], params: Sequence[SamplingParams]) -> list[Sampled]:
         """logits [B, V] (fp32) -> one token per row."""
         logits = logits.float()

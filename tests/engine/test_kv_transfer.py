@@ -71,3 +71,17 @@ def test_kv_of_another_geometry_is_refused():
     dec = Engine(b, b.config, EngineConfig(page_size=4))
     with pytest.raises(ValueError, match="geometry or window"):
         dec.add_prefilled([5] * 20, Sampled(first.output_ids[0], 0.0), payload, GREEDY)
+
+
+def test_seeded_sampling_continues_like_a_single_engine(model):
+    prompt = [random.Random(1).randrange(250) for _ in range(20)]
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = Engine(model, model.config, EngineConfig(page_size=4)).generate([prompt], params)[0].output_ids
+    pre = Engine(model, model.config, EngineConfig(page_size=4))
+    exported: list[KVPayload] = []
+    pre.finish_hook = lambda req: exported.append(pre.export_kv(req))
+    first = pre.generate([prompt], SamplingParams(max_tokens=1, temperature=1.0, seed=1234, ignore_eos=True))[0]
+    dec = Engine(model, model.config, EngineConfig(page_size=4, enable_prefix_cache=False))
+    req = dec.add_prefilled(prompt, Sampled(first.output_ids[0], 0.0), exported[0], params)
+    dec.run()
+    assert req.output_ids == alone

@@ -1,0 +1,41 @@
+"""Prometheus pieces every engine-backed worker shares: load gauges read from the loop, the server.
+
+Each worker owns a CollectorRegistry (not the process-global one), so several workers can live in
+one process (the tests) and each /metrics shows only its own series. Names follow
+`swaserve_<service>_<what>_<unit>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from services.engine.engine_loop import LoopStats
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BYTES_BUCKETS = tuple(float(4**i) * 1024 for i in range(1, 12))  # 4 KiB .. 4 GiB
+
+
+def loop_gauges(registry: CollectorRegistry, service: str, stats: Callable[[], LoopStats]) -> None:
+    """Gauges computed at scrape time from the loop's latest LoopStats snapshot."""
+    fields = {
+        "running_requests": ("requests running in the engine", "running"),
+        "waiting_requests": ("requests queued in the engine", "waiting"),
+        "free_kv_tokens": ("KV tokens the full pool can still take (free + evictable)", "free_tokens"),
+        "capacity_kv_tokens": ("KV tokens the full pool holds", "capacity_tokens"),
+        "queued_tokens": ("prompt tokens queued or admitted but not computed yet", "queued_tokens"),
+    }
+
+    def reader(attr: str) -> Callable[[], float]:
+        return lambda: float(getattr(stats(), attr))
+
+    for what, (doc, attr) in fields.items():
+        Gauge(f"swaserve_{service}_{what}", doc, registry=registry).set_function(reader(attr))
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:
+    """Serve /metrics on host:port in a daemon thread; returns the port (useful with port 0)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)

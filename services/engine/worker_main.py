@@ -1,0 +1,139 @@
+"""What the prefill and decode workers' `main` share: engine flags, and the serving lifecycle.
+
+load the engine -> EngineLoop thread -> gRPC server (+ the role's servicers) -> /metrics
+-> register in Redis (TTL heartbeat with load) -> wait for SIGTERM / SIGINT
+-> deregister -> stop accepting RPCs (grace) -> stop the loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from services.common.grpc_server import make_server
+from services.common.registry import WorkerRecord, WorkerRegistry
+from services.engine.engine import Engine, EngineConfig
+from services.engine.engine_loop import EngineLoop
+from services.engine.loop_metrics import serve_metrics
+from services.engine.model_store import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def add_engine_args(p: argparse.ArgumentParser, queue_policy: str) -> None:
+    p.add_argument("--model", default="smollm2", help="model directory, or a known name (smollm2, mimo-tiny)")
+    p.add_argument("--host", default="0.0.0.0", help="address the gRPC server binds")
+    p.add_argument("--port", type=int, required=True, help="gRPC port (0: any free port)")
+    p.add_argument(
+        "--advertise-host",
+        default=os.environ.get("SWASERVE_ADVERTISE_HOST") or os.environ.get("POD_IP") or "127.0.0.1",
+        help="host other services dial, as registered in Redis",
+    )
+    p.add_argument("--redis-url", default="", help="Redis for discovery; empty: do not register")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
+    p.add_argument("--heartbeat-ttl", type=float, default=6.0, help="registry TTL, seconds")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--max-total-tokens", type=int, default=32768, help="KV capacity of the full pool, tokens")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--max-running", type=int, default=32)
+    p.add_argument("--queue-policy", default=queue_policy, choices=["fcfs", "uncached-first"])
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--torch-threads", type=int, default=None, help="default: $SWASERVE_TORCH_THREADS or all cores"
+    )
+    p.add_argument("--log-level", default="INFO")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        page_size=args.page_size,
+        max_total_tokens=args.max_total_tokens,
+        chunk_size=args.chunk_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_running=args.max_running,
+        queue_policy=args.queue_policy,
+        enable_prefix_cache=not args.no_prefix_cache,
+        dtype=args.dtype,
+    )
+
+
+@dataclass
+class Built:
+    """What a role's build function returns: something to close, and its load for the registry."""
+
+    close: Callable[[], None]
+    load: Callable[[], Mapping[str, int]]
+    labels: dict[str, str]
+
+
+BuildFn = Callable[[EngineLoop, grpc.Server, Any], Built]
+
+
+def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> int:
+    """Run a worker until SIGTERM / SIGINT. `build(loop, server, metrics)` adds the role's servicers."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"
+    )
+    model_dir = resolve_model(args.model)
+    engine = Engine.from_dir(model_dir, engine_config(args))
+    loop = EngineLoop(engine, threads=args.torch_threads, name=f"{role}-engine").start()
+    server, port = make_server(args.host, args.port)
+    built = build(loop, server, metrics)
+    metrics_addr = ""
+    if args.metrics_port:
+        mport = serve_metrics(metrics.registry, args.metrics_port, args.host)
+        metrics_addr = f"{args.advertise_host}:{mport}"
+    server.start()
+    addr = f"{args.advertise_host}:{port}"
+    registry = None
+    if args.redis_url:
+        registry = WorkerRegistry(args.redis_url, ttl=args.heartbeat_ttl)
+        record = WorkerRecord(
+            role=role,
+            addr=addr,
+            model=args.model,
+            capacity_tokens=engine.full_pool.num_pages * engine.cfg.page_size,
+            metrics_addr=metrics_addr,
+            worker_id=f"{role}-{socket.gethostname()}-{os.getpid()}-{port}",
+            labels={"model_dir": model_dir.name, **built.labels},
+        )
+        registry.register(record, load_fn=built.load)
+    print(
+        f"swaserve {role} worker ready on {addr} (model {args.model}"
+        + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
+        + ")",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("%s: signal %d, shutting down", role, signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    while not stop.wait(1.0):
+        if not loop.alive:  # the engine thread died: exit, so that the supervisor restarts the worker
+            log.error("%s: the engine loop stopped unexpectedly; exiting", role)
+            code = 1
+            break
+    if registry is not None:
+        registry.close()  # first: the router stops sending new work here
+    server.stop(grace=5.0).wait()
+    built.close()
+    loop.stop()
+    return code

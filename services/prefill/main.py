@@ -1,0 +1,45 @@
+"""`python -m services.prefill.main --model NAME_OR_DIR --port P --redis-url URL [...]`: a prefill worker."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import grpc
+
+from services.engine.engine_loop import EngineLoop
+from services.engine.worker_main import Built, add_engine_args, serve
+from services.prefill.metrics import PrefillMetrics
+from services.prefill.server import add_prefill_servicer
+from services.prefill.worker import PrefillWorker
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="swaserve-prefill", description=__doc__)
+    add_engine_args(p, queue_policy="uncached-first")
+    p.add_argument("--kv-transport", default="grpc", help="default KV transport (a request may name another)")
+    p.add_argument("--timeout", type=float, default=600.0, help="max seconds for one prefill")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def build(loop: EngineLoop, server: grpc.Server, metrics: PrefillMetrics) -> Built:
+        worker = PrefillWorker(
+            loop, args.model, default_transport=args.kv_transport, metrics=metrics, timeout=args.timeout
+        )
+        add_prefill_servicer(server, worker)
+
+        def load() -> dict[str, int]:
+            s = loop.stats
+            return {"running": s.running, "waiting": s.waiting, "free_kv_tokens": s.free_tokens,
+                    "queued_tokens": s.queued_tokens}  # fmt: skip
+
+        return Built(close=worker.close, load=load, labels={"kv_transport": args.kv_transport})
+
+    return serve("prefill", args, build, PrefillMetrics())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

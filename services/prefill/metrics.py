@@ -1,0 +1,67 @@
+"""The prefill worker's Prometheus metrics (`swaserve_prefill_*`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.engine.engine_loop import EngineLoop
+from services.engine.loop_metrics import BYTES_BUCKETS, LATENCY_BUCKETS, loop_gauges
+
+if TYPE_CHECKING:
+    from services.prefill.worker import PrefillResult
+
+
+class PrefillMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.queue_seconds = Histogram(
+            "swaserve_prefill_queue_seconds", "time from arrival to admission into a batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft_seconds = Histogram(
+            "swaserve_prefill_ttft_seconds", "time from arrival to the first token sampled (before the KV transfer)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute_seconds = Histogram(
+            "swaserve_prefill_compute_seconds", "time from admission to the first token sampled",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "swaserve_prefill_prompt_tokens", "prompt tokens by where their KV came from",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.kv_bytes = Counter(
+            "swaserve_prefill_kv_bytes", "bytes of KV shipped to decode workers", ["transport"], registry=r
+        )
+        self.kv_transfer_seconds = Histogram(
+            "swaserve_prefill_kv_transfer_seconds", "time to ship one request's KV to its decode worker",
+            ["transport"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.kv_request_bytes = Histogram(
+            "swaserve_prefill_kv_request_bytes", "bytes of KV shipped per request",
+            buckets=BYTES_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.requests = Counter(
+            "swaserve_prefill_requests", "prefill requests by outcome", ["outcome"], registry=r
+        )
+        self._bound = False
+
+    def bind_loop(self, loop: EngineLoop) -> None:
+        if not self._bound:
+            loop_gauges(self.registry, "prefill", lambda: loop.stats)
+            self._bound = True
+
+    def observe(self, result: PrefillResult, prompt_len: int, ttft: float) -> None:
+        self.queue_seconds.observe(result.queue_seconds)
+        self.ttft_seconds.observe(ttft)
+        self.compute_seconds.observe(result.prefill_seconds)
+        self.prompt_tokens.labels("l1").inc(result.cached_tokens)
+        self.prompt_tokens.labels("computed").inc(prompt_len - result.cached_tokens)
+        self.requests.labels("ok").inc()
+
+    def observe_transfer(self, transport: str, nbytes: int, seconds: float) -> None:
+        self.kv_bytes.labels(transport).inc(nbytes)
+        self.kv_transfer_seconds.labels(transport).observe(seconds)
+        self.kv_request_bytes.observe(nbytes)

@@ -1,0 +1,227 @@
+"""The OpenAI HTTP API of the router: a thin FastAPI adapter over CompletionCore.
+
+    GET  /v1/models, /v1/models/{id}
+    POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events ending in [DONE])
+    GET  /health, /metrics
+
+Every error leaves as an OpenAI error object (errors.py decides the status); FastAPI's 422s are 400s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.router.completion import CompletionCore
+from services.router.dispatch import Dispatcher
+from services.router.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+    RouteNotFound,
+    RouterError,
+    error_body,
+    from_validation_errors,
+    internal_error_body,
+)
+from services.router.job import CompletionJob
+from services.router.metrics import RouterMetrics
+from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from services.router.picker import LeastOutstandingPicker, Picker
+from services.router.prompts import chat_job, completion_job
+from services.router.responses import ChatFormat, CompletionFormat, Envelope
+from services.router.settings import RouterSettings
+from services.router.streaming import (
+    CLIENT_CLOSED,
+    ClientGone,
+    RequestTrack,
+    StreamSession,
+    run_or_disconnect,
+)
+from services.router.tokenization import RouterTokenizer
+from services.router.workers import WorkerClients, WorkerPool
+
+log = logging.getLogger("swaserve.router")
+M = TypeVar("M", bound=GenerationRequest)
+
+
+@dataclass(frozen=True)
+class RouterState:
+    settings: RouterSettings
+    pool: WorkerPool
+    tok: RouterTokenizer
+    core: CompletionCore
+    metrics: RouterMetrics
+    started: int
+
+
+def create_app(
+    settings: RouterSettings,
+    worker_pool: WorkerPool,
+    *,
+    picker: Picker | None = None,
+    metrics: RouterMetrics | None = None,
+) -> FastAPI:
+    tok = RouterTokenizer(settings.model_dir)
+    metrics = metrics or RouterMetrics()
+    clients = WorkerClients()
+    dispatcher = Dispatcher(settings, worker_pool, picker or LeastOutstandingPicker(), clients)
+    core = CompletionCore(dispatcher, tok, tok.info.eos_token_ids, metrics)
+    state = RouterState(settings, worker_pool, tok, core, metrics, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await dispatcher.drain()
+        await clients.close()
+
+    app = FastAPI(title="swaserve router", lifespan=lifespan)
+    app.state.router = state
+    _install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        _check_model(state, model_id)
+        return _model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        def build(req: ChatCompletionRequest) -> tuple[CompletionJob, bool]:
+            return chat_job(req, state.tok, state.settings), req.logprobs
+
+        return await _serve(state, request, "/v1/chat/completions", ChatCompletionRequest, build, ChatFormat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        def build(req: CompletionRequest) -> tuple[CompletionJob, bool]:
+            return completion_job(req, state.tok, state.settings), req.logprobs is not None
+
+        return await _serve(state, request, "/v1/completions", CompletionRequest, build, CompletionFormat)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        try:
+            prefill, decode = len(worker_pool.prefill_workers()), len(worker_pool.decode_workers())
+        except Exception:
+            log.exception("worker discovery failed")
+            return {"status": "discovery_failed", "prefill_workers": 0, "decode_workers": 0}
+        ok = prefill > 0 and decode > 0
+        return {"status": "ok" if ok else "no_workers", "prefill_workers": prefill, "decode_workers": decode}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _serve(
+    state: RouterState,
+    request: Request,
+    endpoint: str,
+    model: type[M],
+    build: Callable[[M], tuple[CompletionJob, bool]],
+    fmt_cls: type[ChatFormat],
+) -> Response:
+    arrival = time.monotonic()
+    track = RequestTrack(state.metrics, endpoint)
+    try:
+        req = await _parse(request, model)
+        _check_model(state, req.model)
+        job, logprobs = build(req)
+        envelope = Envelope(
+            f"{fmt_cls.id_prefix}-{uuid.uuid4().hex}", state.settings.served_model, int(time.time()), logprobs
+        )
+        fmt = fmt_cls(envelope)
+        if req.stream:
+            run = await run_or_disconnect(request, state.core.start(job, arrival))
+            return StreamSession(run, fmt, req.include_usage, track).response()
+        results, usage = await run_or_disconnect(request, state.core.complete(job, arrival))
+        track.done(200)
+        return JSONResponse(fmt.response(results, usage))
+    except RouterError as e:
+        track.done(e.status)
+        raise
+    except ClientGone:
+        track.done(CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        track.done(500)
+        raise
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data, strict=True)  # JSON types as sent: no "7" for 7, no true for 1
+    except ValidationError as e:
+        raise from_validation_errors(e.errors()) from None
+
+
+def _check_model(state: RouterState, name: str) -> None:
+    if name not in state.settings.model_names:
+        raise ModelNotFound(
+            f"The model '{name}' does not exist (this router serves '{state.settings.served_model}').",
+            param="model",
+        )
+
+
+def _model_card(state: RouterState) -> dict[str, Any]:
+    return {
+        "id": state.settings.served_model,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "swaserve",
+        "max_model_len": state.settings.max_context or state.tok.info.max_context,
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RouterError)
+    async def router_error(_: Request, exc: RouterError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = from_validation_errors(list(exc.errors()))
+        return JSONResponse(error_body(err), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err: RouterError
+        if exc.status_code == 404:
+            err = RouteNotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+        else:
+            err = InvalidRequest(str(exc.detail)) if exc.status_code < 500 else RouterError("server error")
+            err.status = exc.status_code
+        return JSONResponse(error_body(err), status_code=err.status, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc)
+        return JSONResponse(internal_error_body(), status_code=500)

@@ -1,0 +1,75 @@
+"""The router's own chat-template renderer (jinja2, sandboxed), as Hugging Face renders them.
+
+The template comes from the model's tokenizer_config.json: `chat_template` is a string, or a list
+of `{"name", "template"}` of which "default" is used. The router does not import the engine's
+renderer: that package brings torch.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class TemplateError(ValueError):
+    """The template refused the messages (raise_exception) or failed to render them."""
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        )
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"the model's chat template does not compile: {e}") from None
+        self._bos = bos_token
+        self._eos = eos_token
+
+    @classmethod
+    def from_tokenizer_config(cls, cfg: dict[str, Any]) -> ChatTemplate | None:
+        source = cfg.get("chat_template")
+        if isinstance(source, list):
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+        if not isinstance(source, str):
+            return None
+        return cls(source, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._bos,
+                eos_token=self._eos,
+            )
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError) as e:
+            raise TemplateError(
+                f"the chat template cannot render these messages ({type(e).__name__})"
+            ) from None
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(f"chat template: {message}")
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _token_text(tok: Any) -> str:
+    if isinstance(tok, dict):
+        return str(tok.get("content", ""))
+    return tok if isinstance(tok, str) else ""

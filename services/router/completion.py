@@ -1,0 +1,154 @@
+"""The transport-free core: one job (all its choices) through the workers, as text events + usage.
+
+    start(job)  opens every choice concurrently (Reserve + Prefill); any failure aborts the others
+                and raises, so nothing has been sent to the client yet
+    events()    merges the choices' text events in arrival order; a failure raises mid-stream
+    complete()  start + collect, for non-streaming answers
+
+Both HTTP endpoints (and any other transport) call this; it never sees a FastAPI request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from services.router.dispatch import Dispatcher, Generation
+from services.router.errors import RouterError
+from services.router.job import ChoiceEvent, ChoiceResult, CompletionJob, Usage
+from services.router.metrics import RouterMetrics
+from services.router.textstream import ChoiceText, TokenText
+
+
+class CompletionCore:
+    def __init__(
+        self, dispatcher: Dispatcher, tok: TokenText, eos_token_ids: frozenset[int], metrics: RouterMetrics
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.tok = tok
+        self.eos_token_ids = eos_token_ids
+        self.metrics = metrics
+
+    async def start(self, job: CompletionJob, arrival: float | None = None) -> CompletionRun:
+        run = CompletionRun(self, job, time.monotonic() if arrival is None else arrival)
+        await run.open()
+        return run
+
+    async def complete(
+        self, job: CompletionJob, arrival: float | None = None
+    ) -> tuple[list[ChoiceResult], Usage]:
+        run = await self.start(job, arrival)
+        results = [ChoiceResult(i) for i in range(job.num_choices)]
+        async with aclosing(run.events()) as events:
+            async for ev in events:
+                results[ev.index].add(ev)
+        return results, run.usage()
+
+
+class CompletionRun:
+    def __init__(self, core: CompletionCore, job: CompletionJob, arrival: float) -> None:
+        self._core = core
+        self.job = job
+        self.arrival = arrival
+        self.id = uuid.uuid4().hex
+        self._gens: list[Generation] = []
+        self._completion_tokens = [0] * job.num_choices
+
+    async def open(self) -> None:
+        tasks = [asyncio.ensure_future(self._open_one(i)) for i in range(self.job.num_choices)]
+        try:
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # client gone: children are cancelled; close those that opened
+            for t in tasks:
+                t.add_done_callback(_close_if_opened)
+            raise
+        gens = [o for o in outcomes if isinstance(o, Generation)]
+        errors = [o for o in outcomes if not isinstance(o, Generation)]
+        if errors:
+            for g in gens:
+                g.close()
+            raise next((e for e in errors if isinstance(e, RouterError)), errors[0])
+        self._gens = gens
+
+    async def _open_one(self, index: int) -> Generation:
+        job = self.job
+        prompt = list(job.prompts[index // job.n])
+        gen = await self._core.dispatcher.open(
+            f"{self.id}-{index}", prompt, job.choice_sampling(index % job.n)
+        )
+        self._core.metrics.ttft.observe(time.monotonic() - self.arrival)
+        self._core.metrics.observe_prefill(len(prompt), gen.cached_tokens)
+        return gen
+
+    async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
+        queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._pump(i, g, queue)) for i, g in enumerate(self._gens)]
+        running = len(tasks)
+        try:
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+            self._core.metrics.e2e.observe(time.monotonic() - self.arrival)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their cleanup sends the Aborts
+
+    def close(self) -> None:
+        """Abort every sequence still open (idempotent; a no-op after events() ran to the end)."""
+        for g in self._gens:
+            g.close()
+
+    def usage(self) -> Usage:
+        job = self.job
+        cached = 0
+        for p in range(len(job.prompts)):
+            cached += min((g.cached_tokens for g in self._gens[p * job.n : (p + 1) * job.n]), default=0)
+        return Usage(
+            prompt_tokens=sum(len(p) for p in job.prompts),
+            completion_tokens=sum(self._completion_tokens),
+            cached_tokens=cached,
+        )
+
+    async def _pump(
+        self, index: int, gen: Generation, queue: asyncio.Queue[ChoiceEvent | BaseException | None]
+    ) -> None:
+        sampling = self.job.choice_sampling(index % self.job.n)
+        hidden = frozenset(sampling.stop_token_ids) | (
+            frozenset() if sampling.ignore_eos else self._core.eos_token_ids
+        )
+        text = ChoiceText(self._core.tok, sampling.stop, hidden, sampling.logprobs)
+        first_at = time.monotonic()
+        try:
+            async with aclosing(gen.chunks()) as chunks:
+                async for chunk in chunks:
+                    self._completion_tokens[index] += len(chunk.token_ids)
+                    delta = text.push(chunk.token_ids, chunk.logprobs)
+                    finish = "stop" if delta.stop_found else chunk.finish_reason
+                    tail = text.finish() if finish else ""
+                    await queue.put(
+                        ChoiceEvent(index, delta.text + tail, chunk.token_ids, delta.logprobs, finish)
+                    )
+                    if finish:
+                        break  # closing the chunks aborts the sequence if the worker has not ended it
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put(e)
+            return
+        tokens = self._completion_tokens[index]
+        self._core.metrics.completion_tokens.inc(tokens)
+        if tokens > 1:
+            self._core.metrics.tpot.observe((time.monotonic() - first_at) / (tokens - 1))
+        await queue.put(None)
+
+
+def _close_if_opened(task: asyncio.Future[Generation]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()

@@ -1,0 +1,90 @@
+"""Workers discovered in the Redis registry (services/common/registry.py), as a `WorkerPool`.
+
+Picking a worker never waits on Redis: a background thread refreshes a snapshot of the live
+records every `refresh_s`. When Redis is unreachable the router keeps routing with the last
+snapshot it had (logged once, counted in `redis_errors`), and picks up fresh records as soon as
+Redis answers again. A worker whose heartbeat expires disappears at the next refresh, so within
+one registry TTL plus `refresh_s`.
+
+`mark_down(addr)` hides a worker the router could not reach until its record shows a heartbeat
+written after the mark (it proved alive again) or the record goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from services.common.registry import WorkerRecord, WorkerRegistry
+from services.router.workers import Role, WorkerInfo
+
+log = logging.getLogger("swaserve.router.discovery")
+
+
+class RedisWorkerPool:
+    def __init__(self, redis_url: str, model: str | None = None, refresh_s: float = 0.5,
+                 registry: WorkerRegistry | None = None) -> None:
+        self.registry = registry or WorkerRegistry(redis_url)
+        self.model = model
+        self.refresh_s = refresh_s
+        self._records: list[WorkerRecord] = []
+        self._down: dict[str, float] = {}  # addr -> wall time it was marked down
+        self._lock = threading.Lock()
+        self.redis_errors = 0
+        self.redis_ok = True
+        self.last_refresh = 0.0
+        self._stop = threading.Event()
+        self.refresh()
+        self._thread = threading.Thread(target=self._loop, name="router-discovery", daemon=True)
+        self._thread.start()
+
+    # -- WorkerPool ----------------------------------------------------------------------------
+    def prefill_workers(self) -> list[WorkerInfo]:
+        return self._workers("prefill")
+
+    def decode_workers(self) -> list[WorkerInfo]:
+        return self._workers("decode")
+
+    def mark_down(self, addr: str) -> None:
+        with self._lock:
+            self._down[addr] = time.time()
+
+    def records(self, role: Role | None = None) -> list[WorkerRecord]:
+        """The snapshot's live records (load fields included), for policies that score by load."""
+        with self._lock:
+            return [r for r in self._records if role is None or r.role == role]
+
+    # -- snapshot ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        try:
+            records = self.registry.list(model=self.model)
+        except redis.RedisError as e:
+            self.redis_errors += 1
+            if self.redis_ok:
+                log.warning("discovery: Redis unreachable (%s); routing with the last known workers", e)
+            self.redis_ok = False
+            return
+        if not self.redis_ok:
+            log.warning("discovery: Redis reachable again; %d workers", len(records))
+        self.redis_ok = True
+        with self._lock:
+            self._records = records
+            live = {r.addr: r.updated_at for r in records}
+            self._down = {a: t for a, t in self._down.items() if a in live and live[a] <= t}
+        self.last_refresh = time.monotonic()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.refresh_s + 2)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self.refresh()
+
+    def _workers(self, role: Role) -> list[WorkerInfo]:
+        with self._lock:
+            return [WorkerInfo(r.addr, role, r.model) for r in self._records
+                    if r.role == role and r.addr not in self._down]

@@ -1,0 +1,269 @@
+"""One sequence through the workers: Reserve on decode, Prefill on prefill, Decode stream.
+
+    open():   Reserve(decode) --ok--> Prefill(prefill, decode addr) --first token--> Generation
+    chunks(): first token, then Decode(decode) stream until a finish reason
+
+Failures before the first token are retried (new rid, other workers) only when a worker could not
+be reached; every other failure is mapped to a RouterError. A worker that answers UNAVAILABLE is
+reported to the pool as down only if it then fails a Health probe too (a live worker may answer
+UNAVAILABLE for a failed KV transfer). Whatever ends a sequence early (client gone, router found a
+stop string, error) releases it on the workers with Abort, sent in the background so that a
+cancelled task still gets it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Coroutine
+from typing import Any
+
+import grpc
+
+from services.proto_gen import worker_pb2
+from services.router.errors import (
+    InvalidRequest,
+    NoWorkerAvailable,
+    RouterError,
+    WorkerFailed,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
+from services.router.job import FINISH_REASONS, Sampling, TokenChunk
+from services.router.picker import Picker
+from services.router.settings import RouterSettings
+from services.router.workers import WorkerClients, WorkerInfo, WorkerPool
+
+log = logging.getLogger("swaserve.router")
+
+
+class _Unreachable(Exception):
+    def __init__(self, error: RouterError) -> None:
+        self.error = error
+
+
+class Dispatcher:
+    def __init__(
+        self, settings: RouterSettings, pool: WorkerPool, picker: Picker, clients: WorkerClients
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.picker = picker
+        self.clients = clients
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def open(self, rid: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
+        """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
+        error: RouterError = NoWorkerAvailable("no worker available")
+        for attempt in range(self.settings.max_attempts):
+            try:
+                return await self._open_once(
+                    rid if attempt == 0 else f"{rid}-r{attempt}", prompt_ids, sampling
+                )
+            except _Unreachable as e:
+                error = e.error
+        raise error
+
+    async def _open_once(self, rid: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
+        if not self._workers("prefill"):
+            raise NoWorkerAvailable("no prefill worker is available")
+        decode = await self._reserve(rid, len(prompt_ids), sampling.max_tokens)
+        prefills = self.picker.rank(self._workers("prefill"))  # after the Reserve wait: fresh counts
+        if not prefills:
+            self.abort_later("decode", decode.addr, rid)
+            self.picker.release(decode.addr)
+            raise NoWorkerAvailable("no prefill worker is available")
+        prefill = prefills[0]
+        request = worker_pb2.PrefillRequest(
+            rid=rid,
+            prompt_ids=prompt_ids,
+            sampling=sampling.to_proto(),
+            decode_addr=decode.addr,
+            kv_transport=self.settings.kv_transport,
+            uncached_tokens=len(prompt_ids),
+        )
+        self.picker.acquire(prefill.addr)
+        try:
+            reply = await self.clients.prefill(prefill.addr).Prefill(
+                request, timeout=self.settings.prefill_timeout_s
+            )
+        except BaseException as e:
+            self.abort_later("decode", decode.addr, rid)
+            self.picker.release(decode.addr)
+            if isinstance(e, grpc.aio.AioRpcError):
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self.check_alive("prefill", prefill.addr)
+                    raise _Unreachable(rpc_error(e, "prefill")) from None
+                raise rpc_error(e, "prefill") from None
+            self.abort_later("prefill", prefill.addr, rid)  # cancelled, or a bug: stop the work there
+            raise
+        finally:
+            self.picker.release(prefill.addr)
+        if reply.finish_reason and reply.finish_reason not in FINISH_REASONS:  # "abort", or unknown
+            self.abort_later("decode", decode.addr, rid)
+            self.picker.release(decode.addr)
+            _check_finish(reply.finish_reason, "prefill")
+        first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
+        return Generation(self, rid, decode.addr, prompt_ids, sampling, first, reply.cached_tokens)
+
+    async def _reserve(self, rid: str, prompt_len: int, max_tokens: int) -> WorkerInfo:
+        decodes = self.picker.rank(self._workers("decode"))
+        if not decodes:
+            raise NoWorkerAvailable("no decode worker is available")
+        refusals = []
+        for w in decodes:
+            try:
+                reply = await self.clients.decode(w.addr).Reserve(
+                    worker_pb2.ReserveRequest(rid=rid, prompt_len=prompt_len, max_tokens=max_tokens),
+                    timeout=self.settings.reserve_timeout_s,
+                )
+            except asyncio.CancelledError:
+                self.abort_later("decode", w.addr, rid)  # it may have reserved already
+                raise
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    await self.check_alive("decode", w.addr)
+                    refusals.append("unreachable")
+                    continue
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    refusals.append("timed out")
+                    continue
+                raise rpc_error(e, "decode") from None
+            if reply.ok:
+                self.picker.acquire(w.addr)
+                return w
+            refusals.append(reply.reason or "refused")
+        raise NoWorkerAvailable(f"no decode worker could take the request ({'; '.join(refusals)})")
+
+    def _workers(self, role: str) -> list[WorkerInfo]:
+        try:
+            return self.pool.prefill_workers() if role == "prefill" else self.pool.decode_workers()
+        except Exception:  # discovery trouble (Redis down, ...) is an outage, not a client error
+            log.exception("worker discovery failed")
+            raise NoWorkerAvailable(f"{role} workers cannot be discovered right now") from None
+
+    async def check_alive(self, role: str, addr: str) -> None:
+        """After an UNAVAILABLE (which a live worker may also answer): mark the worker down if it
+        does not answer Health either."""
+        stub: Any = self.clients.decode(addr) if role == "decode" else self.clients.prefill(addr)
+        try:
+            await stub.Health(worker_pb2.HealthRequest(), timeout=self.settings.abort_timeout_s)
+        except grpc.aio.AioRpcError:
+            self.pool.mark_down(addr)
+
+    def check_alive_later(self, role: str, addr: str) -> None:
+        self._spawn(self.check_alive(role, addr))
+
+    def abort_later(self, role: str, addr: str, rid: str) -> None:
+        """Send Abort(rid) in the background; best effort (the worker may be gone)."""
+        stub: Any = self.clients.decode(addr) if role == "decode" else self.clients.prefill(addr)
+        self._spawn(self._abort(stub, rid))
+
+    async def _abort(self, stub: Any, rid: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
+            await stub.Abort(worker_pb2.AbortRequest(rid=rid), timeout=self.settings.abort_timeout_s)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the background Aborts (at shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.settings.abort_timeout_s + 1)
+
+
+class Generation:
+    """A sequence whose first token is known; `chunks()` yields it, then the Decode stream."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        rid: str,
+        decode_addr: str,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        first: TokenChunk,
+        cached_tokens: int,
+    ) -> None:
+        self._d = dispatcher
+        self.rid = rid
+        self.decode_addr = decode_addr
+        self._prompt_ids = prompt_ids
+        self._sampling = sampling
+        self.first = first
+        self.cached_tokens = cached_tokens
+        self._settled = False  # the workers know the sequence is over, and its load is released
+
+    async def chunks(self) -> AsyncGenerator[TokenChunk, None]:
+        """Ends after the chunk with a finish reason; closing it early aborts the sequence."""
+        ended = False  # the workers know the sequence is over
+        call = None
+        try:
+            yield self.first
+            if self.first.finish_reason:
+                return  # never decoded: the finally releases the reservation with Abort
+            request = worker_pb2.DecodeRequest(
+                rid=self.rid,
+                sampling=self._sampling.to_proto(),
+                prompt_ids=self._prompt_ids,
+                first_token=self.first.token_ids[0],
+            )
+            call = self._d.clients.decode(self.decode_addr).Decode(
+                request, timeout=self._d.settings.decode_timeout_s
+            )
+            async for msg in call:
+                ended = bool(msg.finish_reason)
+                _check_finish(msg.finish_reason, "decode")
+                yield TokenChunk(
+                    list(msg.token_ids),
+                    list(msg.logprobs),
+                    msg.finish_reason or None,
+                    msg.matched_stop or None,
+                )
+                if ended:
+                    return
+            raise WorkerFailed("the decode worker ended the stream without a finish reason")
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._d.check_alive_later("decode", self.decode_addr)
+            raise rpc_error(e, "decode") from None
+        finally:
+            if call is not None and not call.done():
+                call.cancel()
+            self._settle(abort=not ended)
+
+    def close(self) -> None:
+        """Give the sequence up (never streamed, or abandoned): Abort on the decode worker."""
+        self._settle(abort=True)
+
+    def _settle(self, abort: bool) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if abort:
+            self._d.abort_later("decode", self.decode_addr, self.rid)
+        self._d.picker.release(self.decode_addr)
+
+
+def _check_finish(reason: str | None, role: str) -> None:
+    if reason == "abort":
+        raise WorkerFailed(f"the {role} worker aborted the request")
+    if reason and reason not in FINISH_REASONS:
+        raise WorkerFailed(f"the {role} worker reported an unknown finish reason")
+
+
+def rpc_error(e: grpc.aio.AioRpcError, role: str) -> RouterError:
+    """A worker's gRPC status as a RouterError; only INVALID_ARGUMENT details reach the client."""
+    code = e.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return WorkerUnavailable(f"the {role} worker is unavailable")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return WorkerUnavailable(f"the {role} worker is overloaded", code="overloaded")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return WorkerTimeout(f"the {role} worker did not answer in time")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return InvalidRequest(e.details() or f"the {role} worker rejected the request")
+    return WorkerFailed(f"the {role} worker failed")

@@ -1,0 +1,101 @@
+"""The small types that cross the router's layers: a job, its sampling, token chunks, results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.sampling_wire import sampling_to_proto
+from services.proto_gen import worker_pb2
+from services.router.textstream import TokenLogprob
+
+FINISH_REASONS = ("stop", "length")  # what a client can see; "abort" from a worker is an error
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def to_proto(self) -> worker_pb2.SamplingParams:
+        return sampling_to_proto(self.__dict__)  # the one wire mapping, shared with the workers
+
+
+@dataclass(frozen=True)
+class CompletionJob:
+    """One API request: every prompt sampled n times. Choice index = prompt index * n + j."""
+
+    prompts: tuple[tuple[int, ...], ...]
+    sampling: Sampling
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ValueError("a job needs at least one non-empty prompt")
+        if self.n < 1:
+            raise ValueError("n must be >= 1")
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def choice_sampling(self, j: int) -> Sampling:
+        """Sampling of the j-th sample of a prompt: with a seed, sample j uses seed + j."""
+        if self.sampling.seed is None or j == 0:
+            return self.sampling
+        seed = (self.sampling.seed + j) % 2**63
+        return Sampling(**{**self.sampling.__dict__, "seed": seed})
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """New tokens of one sequence, as a worker reported them."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    matched_stop: str | None = None
+
+
+@dataclass
+class ChoiceEvent:
+    """What a client is told about one choice: new text (stop strings cut), and the end."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, ev: ChoiceEvent) -> None:
+        self.text += ev.text
+        self.token_ids.extend(ev.token_ids)
+        self.logprobs.extend(ev.logprobs)
+        if ev.finish_reason is not None:
+            self.finish_reason = ev.finish_reason
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,220 @@
+"""Prefill worker over gRPC, shipping KV over the real transport to a capturing receiver.
+
+What it ships must be exactly what one engine computes; the first token follows the client's
+sampling params; a first token that ends the request ships nothing; failures map to status codes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from dataclasses import replace
+
+import grpc
+import pytest
+import torch
+
+from services.common.grpc_server import make_server
+from services.common.kv_payload import KVPayload
+from services.common.kv_transport import add_kv_receiver
+from services.common.netutil import free_port
+from services.engine.loop_metrics import serve_metrics
+from services.engine.model_store import resolve_model
+from services.engine.sampling import SamplingParams
+from services.prefill.main import build_parser
+from services.proto_gen import worker_pb2
+from tests.worker_harness import LoadedModel, prefill_stub, sampling, serve_prefill
+
+SHORT = [(31 * i + 7) % 150_000 for i in range(20)]
+LONG = [(977 * i + 13) % 150_000 for i in range(300)]  # > 2 windows of 128
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LoadedModel.load("mimo-tiny", resolve_model("mimo-tiny"))
+
+
+class Capture:
+    """A stand-in decode worker: the real KV receiver, payloads kept in a list (or refused)."""
+
+    def __init__(self) -> None:
+        self.payloads: list[KVPayload] = []
+        self.server, port = make_server("127.0.0.1", 0)
+        self.receiver = add_kv_receiver(self.server, self.payloads.append)
+        self.server.start()
+        self.addr = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+        self.receiver.close()
+
+
+@pytest.fixture(scope="module")
+def served(lm):
+    pre = serve_prefill(lm, engine={"chunk_size": 64})
+    cap = Capture()
+    yield pre, cap
+    pre.stop()
+    cap.stop()
+
+
+def prefill(pre, cap, rid, prompt, **params):
+    return prefill_stub(pre).Prefill(
+        worker_pb2.PrefillRequest(
+            rid=rid, prompt_ids=prompt, sampling=sampling(**params), decode_addr=cap.addr
+        ),
+        timeout=60,
+    )
+
+
+def reference(lm, prompt, params: SamplingParams):
+    engine = lm.engine(page_size=16)
+    exported: list[KVPayload] = []
+    engine.finish_hook = lambda req: exported.append(engine.export_kv(req))
+    (req,) = engine.generate([prompt], params)
+    return req, exported[0]
+
+
+@pytest.mark.parametrize("prompt", [SHORT, LONG], ids=["short", "long"])
+def test_first_token_and_shipped_kv_are_one_engines(lm, served, prompt):
+    pre, cap = served
+    cap.payloads.clear()
+    ref, ref_kv = reference(lm, prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    reply = prefill(pre, cap, f"kv-{len(prompt)}", prompt, max_tokens=16)
+    assert (reply.first_token, reply.finish_reason, reply.cached_tokens) == (ref.output_ids[0], "", 0)
+    assert reply.first_logprob == pytest.approx(ref.output_logprobs[0], abs=1e-4)
+    (got,) = cap.payloads
+    assert (
+        got.meta == replace(ref_kv.meta, rid=f"kv-{len(prompt)}")
+        and reply.kv_bytes == got.nbytes == got.meta.nbytes
+    )
+    assert all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip(got.k + got.v, ref_kv.k + ref_kv.v, strict=True)
+    )
+    assert reply.prefill_seconds > 0 and reply.queue_seconds >= 0
+
+
+def test_a_shared_prefix_comes_from_the_cache_and_ships_the_same_kv(lm, served):
+    pre, cap = served
+    prefill(pre, cap, "warm", LONG, max_tokens=4)
+    cap.payloads.clear()
+    variant = LONG[:-1] + [LONG[-1] + 1]
+    reply = prefill(pre, cap, "hit", variant, max_tokens=4)
+    assert reply.cached_tokens > 0 and reply.cached_tokens % 16 == 0 and reply.cached_tokens < len(variant)
+    _, ref_kv = reference(lm, variant, SamplingParams(max_tokens=1, temperature=0.0))
+    (got,) = cap.payloads
+    assert all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip(got.k + got.v, ref_kv.k + ref_kv.v, strict=True)
+    )
+    m = pre.worker.metrics.prompt_tokens
+    assert m.labels("l1")._value.get() >= reply.cached_tokens
+
+
+def test_the_first_token_follows_the_clients_sampling_params(lm, served):
+    pre, cap = served
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234}
+    (ref,) = lm.engine().generate([SHORT], SamplingParams(max_tokens=5, **params))
+    reply = prefill(pre, cap, "seeded", SHORT, max_tokens=5, **params)
+    assert reply.first_token == ref.output_ids[0]
+
+
+def test_a_first_token_that_ends_the_request_ships_nothing(lm, served):
+    pre, cap = served
+    first = prefill(pre, cap, "probe", SHORT, max_tokens=1).first_token
+    first_text = lm.tokenizer.decode([first])
+    cases = [
+        ({"max_tokens": 1}, "length"),
+        ({"max_tokens": 8, "stop_token_ids": [first]}, "stop"),
+        ({"max_tokens": 8, "stop": [first_text]}, "stop"),
+    ]
+    assert first_text, "the first token must decode to some text for the stop-string case"
+    cap.payloads.clear()
+    for i, (params, reason) in enumerate(cases):
+        reply = prefill(pre, cap, f"ends-{i}", SHORT, **params)
+        assert (reply.first_token, reply.finish_reason, reply.kv_bytes) == (first, reason, 0)
+    assert cap.payloads == []
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"decode_addr": ""}, "decode_addr"),
+        ({"prompt_ids": [10**9]}, "token ids"),
+        ({"prompt_ids": []}, "at least one token"),
+        ({"sampling": sampling(max_tokens=0)}, "max_tokens"),
+        ({"sampling": sampling(max_tokens=4, top_p=1.5)}, "top_p"),
+        ({"kv_transport": "pigeon"}, "pigeon"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(served, change, match):
+    pre, cap = served
+    fields = {"rid": "bad", "prompt_ids": SHORT, "sampling": sampling(max_tokens=4), "decode_addr": cap.addr}
+    with pytest.raises(grpc.RpcError) as e:
+        prefill_stub(pre).Prefill(worker_pb2.PrefillRequest(**(fields | change)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in e.value.details()
+
+
+def test_an_unreachable_decode_worker_is_unavailable_and_leaks_nothing(served):
+    pre, _ = served
+    req = worker_pb2.PrefillRequest(
+        rid="lost", prompt_ids=SHORT, sampling=sampling(max_tokens=4), decode_addr=f"127.0.0.1:{free_port()}"
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        prefill_stub(pre).Prefill(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "lost" in e.value.details()
+    engine = pre.loop.engine
+    assert engine.full_pool.num_free + engine.cache.evictable_full_pages() == engine.full_pool.num_pages
+    assert pre.worker.metrics.requests.labels("kv_transfer_failed")._value.get() == 1
+
+
+def test_abort_stops_a_running_prefill(lm):
+    pre = serve_prefill(lm, engine={"chunk_size": 16, "max_batch_tokens": 16})  # ~190 steps
+    cap = Capture()
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            prefill(pre, cap, "long-one", (LONG * 10)[:3000], max_tokens=4)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        deadline = time.monotonic() + 10
+        while prefill_stub(pre).Health(worker_pb2.HealthRequest()).running == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert prefill_stub(pre).Abort(worker_pb2.AbortRequest(rid="long-one")).found
+        t.join(10)
+        assert [e.code() for e in errors] == [grpc.StatusCode.CANCELLED] and cap.payloads == []
+        assert not prefill_stub(pre).Abort(worker_pb2.AbortRequest(rid="long-one")).found
+    finally:
+        pre.stop()
+        cap.stop()
+
+
+def test_health_and_metrics_over_http(served):
+    pre, cap = served
+    reply = prefill(pre, cap, "metered", SHORT[:-1], max_tokens=4)
+    health = prefill_stub(pre).Health(worker_pb2.HealthRequest())
+    assert (health.role, health.model, health.ready, health.running) == ("prefill", "mimo-tiny", True, 0)
+    assert health.free_kv_tokens > 0
+    port = serve_metrics(pre.worker.metrics.registry, 0, "127.0.0.1")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"
+    }
+    shipped = values['swaserve_prefill_kv_bytes_total{transport="grpc"}']
+    assert shipped >= reply.kv_bytes > 0
+    assert values['swaserve_prefill_kv_transfer_seconds_count{transport="grpc"}'] >= 1
+    for name in ("swaserve_prefill_ttft_seconds_count", "swaserve_prefill_queue_seconds_count",
+                 'swaserve_prefill_prompt_tokens_total{source="computed"}', "swaserve_prefill_running_requests",
+                 "swaserve_prefill_waiting_requests", "swaserve_prefill_free_kv_tokens"):  # fmt: skip
+        assert name in values
+
+
+def test_main_defaults_to_uncached_first_and_grpc():
+    args = build_parser().parse_args(["--port", "0"])
+    assert (args.queue_policy, args.kv_transport, args.model) == ("uncached-first", "grpc", "smollm2")

@@ -1,0 +1,88 @@
+"""Redis discovery against a real redis-server: live workers, TTL expiry, mark_down, Redis outages."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from services.common.redis_server import RedisServer
+from services.common.registry import WorkerRecord, WorkerRegistry
+from services.router.discovery import RedisWorkerPool
+
+
+def _wait(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def redis_server():
+    with RedisServer() as srv:
+        yield srv
+
+
+def _register(url, role, addr, model="m", ttl=1.5):
+    reg = WorkerRegistry(url, ttl=ttl)
+    reg.register(WorkerRecord(role=role, addr=addr, model=model, capacity_tokens=1000))
+    return reg
+
+
+def test_lists_live_workers_of_its_model(redis_server):
+    regs = [_register(redis_server.url, "prefill", "p1:1"), _register(redis_server.url, "decode", "d1:1"),
+            _register(redis_server.url, "prefill", "other:1", model="other")]
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
+    try:
+        assert [w.addr for w in pool.prefill_workers()] == ["p1:1"]
+        assert [w.addr for w in pool.decode_workers()] == ["d1:1"]
+    finally:
+        pool.close()
+        for r in regs:
+            r.close()
+
+
+def test_a_dead_worker_leaves_within_one_ttl(redis_server):
+    reg = _register(redis_server.url, "prefill", "p1:1", ttl=1.0)
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
+    try:
+        assert pool.prefill_workers()
+        reg._stop.set()  # the worker dies without deregistering: its heartbeat stops
+        t0 = time.monotonic()
+        assert _wait(lambda: not pool.prefill_workers(), timeout=5)
+        assert time.monotonic() - t0 <= 1.0 + 0.5
+    finally:
+        pool.close()
+
+
+def test_mark_down_hides_until_a_fresh_heartbeat(redis_server):
+    reg = _register(redis_server.url, "decode", "d1:1", ttl=1.2)
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
+    try:
+        pool.mark_down("d1:1")
+        assert pool.decode_workers() == []
+        assert _wait(lambda: [w.addr for w in pool.decode_workers()] == ["d1:1"], timeout=5)
+    finally:
+        pool.close()
+        reg.close()
+
+
+def test_redis_down_keeps_the_last_snapshot_and_recovers(redis_server):
+    reg = _register(redis_server.url, "prefill", "p1:1", ttl=1.5)
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
+    try:
+        assert pool.prefill_workers()
+        port = redis_server.port
+        redis_server.stop()
+        assert _wait(lambda: not pool.redis_ok, timeout=10)
+        assert [w.addr for w in pool.prefill_workers()] == ["p1:1"]  # routes with what it knew
+        assert pool.redis_errors >= 1
+        with RedisServer(port=port):
+            assert _wait(lambda: pool.redis_ok, timeout=10)
+            assert _wait(lambda: [w.addr for w in pool.prefill_workers()] == ["p1:1"], timeout=10)
+    finally:
+        pool.close()
+        reg.close()
