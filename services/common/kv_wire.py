@@ -16,6 +16,7 @@ times. Headers go through the generated classes. Anything either way parses with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -72,7 +73,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A writable, flat byte view of a contiguous CPU tensor's storage (no copy; bf16 included)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise KVWireError(f"need a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def payload_tensors(payload: KVPayload) -> list[torch.Tensor]:
@@ -170,18 +171,32 @@ class PayloadAssembler:
     """Fills freshly allocated tensors of a KVMeta with the bytes of a stream, in wire order.
 
     Nothing becomes a KVPayload until `finish()` has checked that exactly `meta.nbytes` arrived:
-    an oversized stream fails on the write that overflows, a truncated one in finish()."""
+    an oversized stream fails on the write that overflows, a truncated one in finish().
+    `allocate=False`: the caller supplies the tensors as byte views instead (`adopt`)."""
 
-    def __init__(self, meta: KVMeta) -> None:
+    def __init__(self, meta: KVMeta, allocate: bool = True) -> None:
         self.meta = meta
-        dtype = DTYPES[meta.dtype]
-        self.k = [torch.empty(meta.k_shape(i), dtype=dtype) for i in range(len(meta.layers))]
-        self.v = [torch.empty(meta.v_shape(i), dtype=dtype) for i in range(len(meta.layers))]
-        self.tensors = [t for pair in zip(self.k, self.v, strict=True) for t in pair]
-        self.views = [tensor_bytes(t) for t in self.tensors]
+        self.dtype = DTYPES[meta.dtype]
+        self.shapes = [s for i in range(len(meta.layers)) for s in (meta.k_shape(i), meta.v_shape(i))]
+        self.sizes = [math.prod(s) * meta.itemsize for s in self.shapes]  # bytes, wire order
+        self.tensors: list[torch.Tensor | None] = (
+            [torch.empty(s, dtype=self.dtype) for s in self.shapes] if allocate else [None] * len(self.shapes)
+        )
+        self.views = [tensor_bytes(t) for t in self.tensors if t is not None]
         self.received = 0
         self._tensor = 0  # index of the tensor being filled, and bytes of it filled so far
         self._offset = 0
+
+    def allocated(self) -> list[torch.Tensor]:
+        """The tensors to fill, in wire order (allocate=True)."""
+        return [t for t in self.tensors if t is not None]
+
+    def adopt(self, byte_tensors: list[torch.Tensor], indices: range) -> None:
+        """Use flat uint8 tensors (e.g. over a mapping) as the tensors `indices`, in wire order."""
+        for i, b in zip(indices, byte_tensors, strict=True):
+            if b.numel() != self.sizes[i]:
+                raise KVWireError(f"tensor {i} of {self.meta.rid!r}: {b.numel()} bytes, expected {self.sizes[i]}")
+            self.tensors[i] = b.view(self.dtype).reshape(self.shapes[i])
 
     def write(self, data: memoryview | bytes) -> None:
         data = memoryview(data)
@@ -210,7 +225,12 @@ class PayloadAssembler:
             raise KVWireError(
                 f"KV stream of {self.meta.rid!r} truncated: {self.received} of {self.meta.nbytes} bytes"
             )
-        return KVPayload(self.meta, self.k, self.v)
+        tensors = []
+        for t, shape, size in zip(self.tensors, self.shapes, self.sizes, strict=True):
+            if t is None and size:
+                raise KVWireError(f"KV of {self.meta.rid!r}: a tensor of {shape} was never filled")
+            tensors.append(torch.empty(shape, dtype=self.dtype) if t is None else t)
+        return KVPayload(self.meta, tensors[0::2], tensors[1::2])
 
 
 def payload_from_chunks(chunks: Iterable[bytes]) -> tuple[kv_pb2.KVHeader, KVPayload]:

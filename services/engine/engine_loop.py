@@ -6,11 +6,12 @@
                                                       step() -> per-request events
     handle.events  <------------------------------------ ReqEvent(tokens | finish | error)
 
-The loop: drain the inbox (blocking only when the engine is idle), step once, publish a LoopStats
-snapshot, repeat. Every command runs between two steps, so a request is never changed while a
-forward reads it. `on_finish(engine, req)` runs on the loop thread inside the engine's finish_hook,
-before the request's pages are released (the prefill worker exports its KV there); its result
-travels in the request's last event.
+The loop: drain the inbox (blocking only when the engine is idle), step once, run `after_step`
+(the prefill worker publishes its KV cache events there; it runs every 0.5 s when idle too),
+publish a LoopStats snapshot, repeat. Every command runs between two steps, so a request is never
+changed while a forward reads it. `on_finish(engine, req)` runs on the loop thread inside the
+engine's finish_hook, before the request's pages are released (the prefill worker exports its KV
+there); its result travels in the request's last event.
 
 Failures: an exception inside step() fails every running request (the batch is a subset of them)
 with an error event and drops their KV without caching it; waiting requests and later ones are
@@ -136,6 +137,7 @@ class EngineLoop:
         self._lock = threading.Lock()  # orders call()'s check-and-put against the shutdown drain
         self._steps = self._failed_steps = 0
         self.stats = LoopStats()
+        self.after_step: Callable[[Engine], None] | None = None  # loop thread, after every iteration
         engine.finish_hook = self._on_engine_finish
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -262,6 +264,7 @@ class EngineLoop:
                     break
                 if self.engine.has_work():
                     self._step()
+                self._run_after_step()
                 self._publish_stats()
         finally:
             self._stopping = True
@@ -326,6 +329,14 @@ class EngineLoop:
             # nothing runs and the head of the queue cannot be admitted: it never will be
             for req in list(engine.scheduler.waiting):
                 self._fail(req, "the KV pools cannot hold this request")
+
+    def _run_after_step(self) -> None:
+        hook = self.after_step
+        if hook is not None:
+            try:
+                hook(self.engine)
+            except Exception:  # noqa: BLE001 - a hook never takes the loop down
+                log.exception("%s: after_step hook failed", self.name)
 
     def _final_event(self, req: Req, handle: RequestHandle) -> ReqEvent:
         sampled = (

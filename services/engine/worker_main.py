@@ -1,8 +1,9 @@
 """What the prefill and decode workers' `main` share: engine flags, and the serving lifecycle.
 
 load the engine -> EngineLoop thread -> gRPC server (+ the role's servicers) -> /metrics
--> register in Redis (TTL heartbeat with load) -> wait for SIGTERM / SIGINT
--> deregister -> stop accepting RPCs (grace) -> stop the loop
+-> register in Redis (TTL heartbeat with load) [-> publish KV cache events, prefill]
+-> wait for SIGTERM / SIGINT -> deregister, clear the KV events state -> stop accepting RPCs
+(grace) -> stop the loop
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 
 import grpc
 
+from services.common.block_hash import BlockHash
 from services.common.grpc_server import make_server
+from services.common.kv_event_bus import KVEventPublisher
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.engine.engine import Engine, EngineConfig
 from services.engine.engine_loop import EngineLoop
@@ -76,6 +79,29 @@ class Built:
     close: Callable[[], None]
     load: Callable[[], Mapping[str, int]]
     labels: dict[str, str]
+    kv_events: bool = False  # publish the prefix cache's KV events to Redis (prefill)
+
+
+def cache_block_hashes(engine: Engine) -> tuple[list[BlockHash], list[BlockHash]]:
+    """(full, swa) block hashes the engine's radix cache holds now; on the loop thread only."""
+    full: list[BlockHash] = []
+    swa: list[BlockHash] = []
+    for node in engine.cache.nodes:
+        full += node.hashes
+        swa += [h for h, page in zip(node.hashes, node.swa_pages, strict=True) if page is not None]
+    return full, swa
+
+
+def attach_kv_events(loop: EngineLoop, redis_url: str, worker_id: str, **kw: Any) -> KVEventPublisher:
+    """Publish the engine's KV cache events to Redis after every loop step (docs/kv-events.md).
+    Set before requests arrive; the first publish writes the cache's whole (empty) state."""
+    engine = loop.engine
+    publisher = KVEventPublisher(
+        redis_url, worker_id, engine.cfg.page_size, engine.window,
+        snapshot_fn=lambda: cache_block_hashes(engine), **kw,
+    )  # fmt: skip
+    loop.after_step = lambda e: publisher.publish_buffer(e.events)
+    return publisher
 
 
 BuildFn = Callable[[EngineLoop, grpc.Server, Any], Built]
@@ -110,6 +136,9 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
             labels={"model_dir": model_dir.name, **built.labels},
         )
         registry.register(record, load_fn=built.load)
+    kv_events = None
+    if registry is not None and built.kv_events:  # keyed like the registry: on_leave forgets by it
+        kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id)
     print(
         f"swaserve {role} worker ready on {addr} (model {args.model}"
         + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
@@ -133,6 +162,8 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
             break
     if registry is not None:
         registry.close()  # first: the router stops sending new work here
+    if kv_events is not None:
+        kv_events.close()  # routers drop this worker's blocks
     server.stop(grace=5.0).wait()
     built.close()
     loop.stop()

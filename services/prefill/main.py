@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p, queue_policy="uncached-first")
     p.add_argument("--kv-transport", default="grpc", help="default KV transport (a request may name another)")
     p.add_argument("--timeout", type=float, default=600.0, help="max seconds for one prefill")
+    p.add_argument("--no-kv-events", action="store_true", help="do not publish KV cache events to Redis")
     return p
 
 
@@ -36,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"running": s.running, "waiting": s.waiting, "free_kv_tokens": s.free_tokens,
                     "queued_tokens": s.queued_tokens}  # fmt: skip
 
-        return Built(close=worker.close, load=load, labels={"kv_transport": args.kv_transport})
+        return Built(
+            close=worker.close, load=load, labels={"kv_transport": args.kv_transport},
+            kv_events=not args.no_kv_events,
+        )  # fmt: skip
 
     return serve("prefill", args, build, PrefillMetrics())
 

@@ -40,9 +40,9 @@ from services.router.errors import (
 from services.router.job import CompletionJob
 from services.router.metrics import RouterMetrics
 from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest
-from services.router.picker import LeastOutstandingPicker, Picker
 from services.router.prompts import chat_job, completion_job
 from services.router.responses import ChatFormat, CompletionFormat, Envelope
+from services.router.routing import IndexSource, RoutingPipeline
 from services.router.settings import RouterSettings
 from services.router.streaming import (
     CLIENT_CLOSED,
@@ -72,13 +72,18 @@ def create_app(
     settings: RouterSettings,
     worker_pool: WorkerPool,
     *,
-    picker: Picker | None = None,
+    index: IndexSource | None = None,
+    routing: RoutingPipeline | None = None,
     metrics: RouterMetrics | None = None,
 ) -> FastAPI:
+    """`index`: the prefix index follower (None: load-only routing); `routing` overrides the
+    pipeline built from `settings.policy` and `index`."""
     tok = RouterTokenizer(settings.model_dir)
     metrics = metrics or RouterMetrics()
+    routing = routing or RoutingPipeline(settings.policy, index)
+    metrics.watch(worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors)
     clients = WorkerClients()
-    dispatcher = Dispatcher(settings, worker_pool, picker or LeastOutstandingPicker(), clients)
+    dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics)
     core = CompletionCore(dispatcher, tok, tok.info.eos_token_ids, metrics)
     state = RouterState(settings, worker_pool, tok, core, metrics, int(time.time()))
 

@@ -8,6 +8,9 @@ one registry TTL plus `refresh_s`.
 
 `mark_down(addr)` hides a worker the router could not reach until its record shows a heartbeat
 written after the mark (it proved alive again) or the record goes away.
+
+`on_leave(worker_id)` is called (on the refresh thread) for each worker whose record left the
+registry, e.g. so that the prefix index forgets its blocks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 
@@ -26,8 +30,10 @@ log = logging.getLogger("swaserve.router.discovery")
 
 class RedisWorkerPool:
     def __init__(self, redis_url: str, model: str | None = None, refresh_s: float = 0.5,
-                 registry: WorkerRegistry | None = None) -> None:
+                 registry: WorkerRegistry | None = None,
+                 on_leave: Callable[[str], None] | None = None) -> None:
         self.registry = registry or WorkerRegistry(redis_url)
+        self.on_leave = on_leave
         self.model = model
         self.refresh_s = refresh_s
         self._records: list[WorkerRecord] = []
@@ -35,6 +41,7 @@ class RedisWorkerPool:
         self._lock = threading.Lock()
         self.redis_errors = 0
         self.redis_ok = True
+        self.version = 0  # bumped whenever what routable_records() returns may have changed
         self.last_refresh = 0.0
         self._stop = threading.Event()
         self.refresh()
@@ -51,11 +58,17 @@ class RedisWorkerPool:
     def mark_down(self, addr: str) -> None:
         with self._lock:
             self._down[addr] = time.time()
+            self.version += 1
 
     def records(self, role: Role | None = None) -> list[WorkerRecord]:
         """The snapshot's live records (load fields included), for policies that score by load."""
         with self._lock:
             return [r for r in self._records if role is None or r.role == role]
+
+    def routable_records(self, role: Role) -> list[WorkerRecord]:
+        """The records of `role` not marked down: what the routing policy scores."""
+        with self._lock:
+            return [r for r in self._records if r.role == role and r.addr not in self._down]
 
     # -- snapshot ------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -71,10 +84,22 @@ class RedisWorkerPool:
             log.warning("discovery: Redis reachable again; %d workers", len(records))
         self.redis_ok = True
         with self._lock:
+            left = {r.worker_id for r in self._records} - {r.worker_id for r in records}
             self._records = records
             live = {r.addr: r.updated_at for r in records}
             self._down = {a: t for a, t in self._down.items() if a in live and live[a] <= t}
+            self.version += 1
         self.last_refresh = time.monotonic()
+        if self.on_leave is not None:
+            self._tell_left(self.on_leave, sorted(left))
+
+    @staticmethod
+    def _tell_left(listener: Callable[[str], None], worker_ids: list[str]) -> None:
+        for worker_id in worker_ids:
+            try:
+                listener(worker_id)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop discovery
+                log.exception("discovery: on_leave(%s) failed", worker_id)
 
     def close(self) -> None:
         self._stop.set()

@@ -3,12 +3,14 @@
     open():   Reserve(decode) --ok--> Prefill(prefill, decode addr) --first token--> Generation
     chunks(): first token, then Decode(decode) stream until a finish reason
 
-Failures before the first token are retried (new rid, other workers) only when a worker could not
-be reached; every other failure is mapped to a RouterError. A worker that answers UNAVAILABLE is
-reported to the pool as down only if it then fails a Health probe too (a live worker may answer
-UNAVAILABLE for a failed KV transfer). Whatever ends a sequence early (client gone, router found a
-stop string, error) releases it on the workers with Abort, sent in the background so that a
-cancelled task still gets it out.
+Workers are chosen by the routing pipeline (routing.py): one decision per attempt, which gives the
+prefill worker, the decode workers to ask in order, and the uncached-token estimate passed to the
+prefill worker's uncached-first queue. Failures before the first token are retried once (new rid,
+the failed workers avoided) only when a worker could not be reached; every other failure is mapped
+to a RouterError. A worker that answers UNAVAILABLE is reported to the pool as down if it then
+fails a Health probe too (a live worker may answer UNAVAILABLE for a failed KV transfer).
+Whatever ends a sequence early (client gone, router found a stop string, error) releases it on the
+workers with Abort, sent in the background so that a cancelled task still gets it out.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Coroutine
+import time
+from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -31,84 +34,111 @@ from services.router.errors import (
     WorkerUnavailable,
 )
 from services.router.job import FINISH_REASONS, Sampling, TokenChunk
-from services.router.picker import Picker
+from services.router.metrics import RouterMetrics
+from services.router.policy import Candidate
+from services.router.routing import CandidateSource, NoCandidate, Prompt, RoutingDecision, RoutingPipeline
 from services.router.settings import RouterSettings
-from services.router.workers import WorkerClients, WorkerInfo, WorkerPool
+from services.router.workers import Role, WorkerClients, WorkerPool
 
 log = logging.getLogger("swaserve.router")
 
 
 class _Unreachable(Exception):
-    def __init__(self, error: RouterError) -> None:
+    def __init__(self, error: RouterError, addrs: tuple[str, ...]) -> None:
         self.error = error
+        self.addrs = addrs  # the workers to avoid on the retry
 
 
 class Dispatcher:
     def __init__(
-        self, settings: RouterSettings, pool: WorkerPool, picker: Picker, clients: WorkerClients
+        self,
+        settings: RouterSettings,
+        pool: WorkerPool,
+        routing: RoutingPipeline,
+        clients: WorkerClients,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
-        self.picker = picker
+        self.candidates = CandidateSource(pool)
+        self.routing = routing
         self.clients = clients
+        self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
     async def open(self, rid: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
         """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
         error: RouterError = NoWorkerAvailable("no worker available")
+        prompt = self.routing.prepare(prompt_ids)  # hashed once for every attempt
+        failed: set[str] = set()
         for attempt in range(self.settings.max_attempts):
+            if attempt and self.metrics is not None:
+                self.metrics.retries.inc()
             try:
                 return await self._open_once(
-                    rid if attempt == 0 else f"{rid}-r{attempt}", prompt_ids, sampling
+                    rid if attempt == 0 else f"{rid}-r{attempt}", prompt_ids, prompt, sampling, failed
                 )
             except _Unreachable as e:
                 error = e.error
+                failed.update(e.addrs)
         raise error
 
-    async def _open_once(self, rid: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
-        if not self._workers("prefill"):
-            raise NoWorkerAvailable("no prefill worker is available")
-        decode = await self._reserve(rid, len(prompt_ids), sampling.max_tokens)
-        prefills = self.picker.rank(self._workers("prefill"))  # after the Reserve wait: fresh counts
-        if not prefills:
-            self.abort_later("decode", decode.addr, rid)
-            self.picker.release(decode.addr)
-            raise NoWorkerAvailable("no prefill worker is available")
-        prefill = prefills[0]
+    def route(self, prompt: Prompt, sampling: Sampling, failed: Collection[str] = ()) -> RoutingDecision:
+        """The routing decision for one attempt (timed and counted in the metrics)."""
+        t0 = time.perf_counter()
+        try:
+            decision = self.routing.decide(
+                prompt,
+                self._candidates("prefill"),
+                self._candidates("decode"),
+                max_tokens=sampling.max_tokens,
+                exclude=failed,
+            )
+        except NoCandidate as e:
+            raise NoWorkerAvailable(f"no {e.role} worker is available") from None
+        if self.metrics is not None:
+            self.metrics.observe_decision(decision, time.perf_counter() - t0)
+        return decision
+
+    async def _open_once(
+        self, rid: str, prompt_ids: list[int], prompt: Prompt, sampling: Sampling, failed: Collection[str]
+    ) -> Generation:
+        decision = self.route(prompt, sampling, failed)
+        decode = await self._reserve(rid, decision.decode_ranking, len(prompt_ids), sampling.max_tokens)
+        prefill = decision.prefill
         request = worker_pb2.PrefillRequest(
             rid=rid,
             prompt_ids=prompt_ids,
             sampling=sampling.to_proto(),
             decode_addr=decode.addr,
             kv_transport=self.settings.kv_transport,
-            uncached_tokens=len(prompt_ids),
+            uncached_tokens=decision.uncached_tokens,
         )
-        self.picker.acquire(prefill.addr)
         try:
             reply = await self.clients.prefill(prefill.addr).Prefill(
                 request, timeout=self.settings.prefill_timeout_s
             )
         except BaseException as e:
             self.abort_later("decode", decode.addr, rid)
-            self.picker.release(decode.addr)
             if isinstance(e, grpc.aio.AioRpcError):
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
-                    await self.check_alive("prefill", prefill.addr)
-                    raise _Unreachable(rpc_error(e, "prefill")) from None
+                    # a dead prefill worker is marked down; a live one that answers UNAVAILABLE
+                    # failed the KV transfer, so the retry avoids the decode worker as well
+                    alive = await self.check_alive("prefill", prefill.addr)
+                    avoid = (prefill.addr, decode.addr) if alive else (prefill.addr,)
+                    raise _Unreachable(rpc_error(e, "prefill"), avoid) from None
                 raise rpc_error(e, "prefill") from None
             self.abort_later("prefill", prefill.addr, rid)  # cancelled, or a bug: stop the work there
             raise
-        finally:
-            self.picker.release(prefill.addr)
         if reply.finish_reason and reply.finish_reason not in FINISH_REASONS:  # "abort", or unknown
             self.abort_later("decode", decode.addr, rid)
-            self.picker.release(decode.addr)
             _check_finish(reply.finish_reason, "prefill")
         first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
         return Generation(self, rid, decode.addr, prompt_ids, sampling, first, reply.cached_tokens)
 
-    async def _reserve(self, rid: str, prompt_len: int, max_tokens: int) -> WorkerInfo:
-        decodes = self.picker.rank(self._workers("decode"))
+    async def _reserve(
+        self, rid: str, decodes: Sequence[Candidate], prompt_len: int, max_tokens: int
+    ) -> Candidate:
         if not decodes:
             raise NoWorkerAvailable("no decode worker is available")
         refusals = []
@@ -131,29 +161,35 @@ class Dispatcher:
                     continue
                 raise rpc_error(e, "decode") from None
             if reply.ok:
-                self.picker.acquire(w.addr)
                 return w
             refusals.append(reply.reason or "refused")
         raise NoWorkerAvailable(f"no decode worker could take the request ({'; '.join(refusals)})")
 
-    def _workers(self, role: str) -> list[WorkerInfo]:
+    def _candidates(self, role: Role) -> list[Candidate]:
         try:
-            return self.pool.prefill_workers() if role == "prefill" else self.pool.decode_workers()
+            return self.candidates(role)
         except Exception:  # discovery trouble (Redis down, ...) is an outage, not a client error
             log.exception("worker discovery failed")
             raise NoWorkerAvailable(f"{role} workers cannot be discovered right now") from None
 
-    async def check_alive(self, role: str, addr: str) -> None:
+    async def check_alive(self, role: str, addr: str) -> bool:
         """After an UNAVAILABLE (which a live worker may also answer): mark the worker down if it
-        does not answer Health either."""
+        does not answer Health either. Returns whether it answered."""
         stub: Any = self.clients.decode(addr) if role == "decode" else self.clients.prefill(addr)
         try:
             await stub.Health(worker_pb2.HealthRequest(), timeout=self.settings.abort_timeout_s)
         except grpc.aio.AioRpcError:
             self.pool.mark_down(addr)
+            if self.metrics is not None:
+                self.metrics.marked_down.labels(role=role).inc()
+            return False
+        return True
 
     def check_alive_later(self, role: str, addr: str) -> None:
-        self._spawn(self.check_alive(role, addr))
+        async def probe() -> None:
+            await self.check_alive(role, addr)
+
+        self._spawn(probe())
 
     def abort_later(self, role: str, addr: str, rid: str) -> None:
         """Send Abort(rid) in the background; best effort (the worker may be gone)."""
@@ -245,7 +281,6 @@ class Generation:
         self._settled = True
         if abort:
             self._d.abort_later("decode", self.decode_addr, self.rid)
-        self._d.picker.release(self.decode_addr)
 
 
 def _check_finish(reason: str | None, role: str) -> None:

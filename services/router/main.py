@@ -2,21 +2,32 @@
 
 The router never builds a model (that imports torch): a known model name resolves to its directory
 under the swaserve home, which the workers build; the router waits for it to appear.
+
+Routing policy flags: policy/config.py (`add_policy_args`). With --redis-url the router follows the
+workers' KV events into a prefix index (`--prefix-index auto`: when services.common.kv_event_bus is
+installed; `on`: required; `off`: load-only routing).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from services.engine.model_store import find_known, models_dir
 from services.router.app import create_app
+from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
+from services.router.routing import IndexSource
 from services.router.settings import RouterSettings
 from services.router.workers import StaticWorkerPool, WorkerPool
+
+log = logging.getLogger("swaserve.router")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model-wait", type=float, default=600.0, help="seconds to wait for the workers to build the model"
     )
+    p.add_argument(
+        "--prefix-index",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="cache-aware routing from the workers' KV events in Redis (needs --redis-url)",
+    )
     p.add_argument("--log-level", default="info")
+    add_policy_args(p)
     args = p.parse_args(argv)
+    if args.prefix_index == "on" and not args.redis_url:
+        p.error("--prefix-index on needs --redis-url")
     if args.prefill and not args.decode:
         p.error("--prefill needs --decode")
     if args.decode and not args.prefill:
@@ -66,7 +86,42 @@ def model_dir_for(name: str, wait_s: float) -> tuple[Path, tuple[str, ...]]:
     return target, tuple(a for a in (*known.aliases, known.dir_name) if a != name)
 
 
-def worker_pool(args: argparse.Namespace, model: str) -> WorkerPool:
+def model_window(model_dir: Path) -> int:
+    """The SWA window of the model in `model_dir` (0 without SWA layers); read without torch."""
+    from services.engine.config import ModelConfig
+
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+        return ModelConfig.from_dict(raw).window or 0
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("could not read the SWA window from %s (%s); use --kv-window", model_dir, e)
+        return PolicyConfig().window
+
+
+def index_follower(args: argparse.Namespace, policy: PolicyConfig) -> IndexSource | None:
+    """The KV event follower feeding the prefix index, or None (load-only routing)."""
+    if args.prefix_index == "off" or not args.redis_url:
+        return None
+    try:  # lazily: the module may not be in this build
+        follower_cls: Any = importlib.import_module("services.common.kv_event_bus").KVIndexFollower
+    except (ImportError, AttributeError):
+        if args.prefix_index == "on":
+            raise SystemExit("--prefix-index on: services.common.kv_event_bus is not available") from None
+        log.warning("no prefix index in this build (services.common.kv_event_bus); load-only routing")
+        return None
+    try:
+        follower: Any = follower_cls(args.redis_url, policy.page_size, policy.window)
+        follower.start()
+    except Exception as e:
+        if args.prefix_index == "on":
+            raise
+        log.warning("prefix index follower failed to start (%s); load-only routing", e)
+        return None
+    source: IndexSource = follower
+    return source
+
+
+def worker_pool(args: argparse.Namespace, model: str, index: IndexSource | None = None) -> WorkerPool:
     """Static from the command line, or discovered in Redis (workers registered with `model`)."""
     if args.redis_url:
         try:
@@ -75,7 +130,8 @@ def worker_pool(args: argparse.Namespace, model: str) -> WorkerPool:
             raise SystemExit(
                 "--redis-url: Redis discovery is not available in this build; use --prefill/--decode"
             ) from None
-        pool: WorkerPool = RedisWorkerPool(args.redis_url, model=model)
+        forget = getattr(index, "forget_worker", None)
+        pool: WorkerPool = RedisWorkerPool(args.redis_url, model=model, on_leave=forget)
         return pool
     return StaticWorkerPool(_split(args.prefill), _split(args.decode))
 
@@ -89,14 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_dir, aliases = model_dir_for(args.model, args.model_wait)
     served = args.served_model_name or args.model
+    try:
+        policy = policy_config_from_args(args, default_window=model_window(model_dir))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"routing policy: {e}") from None
     settings = RouterSettings(
         model_dir=model_dir,
         served_model=served,
         model_aliases=tuple(a for a in (args.model, *aliases) if a != served),
         max_context=args.max_context,
         kv_transport=args.kv_transport,
+        policy=policy,
     )
-    app = create_app(settings, worker_pool(args, args.model))
+    index = index_follower(args, policy)
+    app = create_app(settings, worker_pool(args, args.model, index), index=index)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5
     )

@@ -158,7 +158,7 @@ class CompletionRequest(GenerationRequest):
             raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists")
         if all(isinstance(p, str) for p in v):
             return v
-        if all(_is_token(t) for t in v):
+        if all(type(t) is int for t in v) and min(v) >= 0:  # token ids (JSON ints, bools excluded); fast
             return v
         if all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in v):
             return v

@@ -44,10 +44,10 @@ def completion_prompts(req: CompletionRequest, tok: RouterTokenizer) -> list[lis
         if isinstance(item, str):
             prompts.append(tok.encode(item))
         else:
-            prompts.append([int(t) for t in item])
+            prompts.append(list(item))  # validated ints (openai_schema)
     vocab = tok.info.vocab_size
     for ids in prompts:
-        if any(t >= vocab for t in ids):
+        if ids and max(ids) >= vocab:
             raise InvalidRequest(
                 f"prompt token ids must be below the vocabulary size {vocab}", param="prompt"
             )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.router.policy.config import PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class RouterSettings:
     abort_timeout_s: float = 2.0
     max_attempts: int = 2  # Reserve + Prefill attempts when a worker cannot be reached
     completions_default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # routing: profiles, buckets, page size
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -1,9 +1,9 @@
 """KV transports between real processes: this pytest process sends, a receiver subprocess (this
 file run as a script) installs nothing but records a digest of every payload it accepted.
 
-    python tests/common/test_kv_transports.py serve LOG [PORT]   receiver; prints its port
+    python tests/common/test_kv_transports.py serve LOG [PORT [zero_copy]]   receiver; prints its port
     python tests/common/test_kv_transports.py send ADDR TRANSPORT SEED...   another sender
-    python tests/common/test_kv_transports.py orphan         writes a segment, then dies by SIGKILL
+    python tests/common/test_kv_transports.py orphan         writes shm segments, then dies by SIGKILL
     python tests/common/test_kv_transports.py loop ADDR TRANSPORT   sends big payloads until killed
 """
 
@@ -24,20 +24,21 @@ import grpc
 import pytest
 
 from services.common.kv_transport import GRPC_OPTIONS, KVTransferError, add_kv_receiver, make_sender
-from services.common.kv_transport.shm import SHM_DIR, write_segment
+from services.common.kv_transport.shm import SHM_DIR, split_sizes, write_segments
 from services.common.kv_wire import chunk_stream, encode_data_chunk, header_from_meta, payload_views
 from services.proto_gen import kv_pb2, kv_pb2_grpc
 from tests.common.test_kv_wire import FULL, SWA, mimo_meta, payload_digest, random_payload
 
 ROOT = Path(__file__).resolve().parents[2]
 TRANSPORTS = ["grpc", "shm", "torch"]
+PATHS = ["grpc", "shm", "shm-zero-copy", "torch"]  # transport, and for shm how the receiver reads
 REFUSAL = "decode pools are full"
 
 
 # ---- the other processes -----------------------------------------------------------------------
 
 
-def serve(log: str, port: int = 0) -> None:
+def serve(log: str, port: int = 0, zero_copy: bool = False) -> None:
     lock = threading.Lock()
 
     def on_payload(p) -> None:  # type: ignore[no-untyped-def]
@@ -48,7 +49,7 @@ def serve(log: str, port: int = 0) -> None:
             f.write(line + "\n")
 
     server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
-    add_kv_receiver(server, on_payload, shm={"sweep_interval": 0.0})
+    add_kv_receiver(server, on_payload, shm={"sweep_interval": 0.0, "zero_copy": zero_copy})
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print(port, flush=True)
@@ -72,8 +73,8 @@ def loop_main(addr: str, transport: str) -> None:
 
 
 def orphan_main() -> None:
-    path = write_segment(random_payload(mimo_meta(20), 0))
-    print(path.name, flush=True)
+    payload = random_payload(mimo_meta(3000, "float32", layers=(FULL, SWA) * 2), 0)  # > 16 MiB: 2 segments
+    print(" ".join(p.name for p in write_segments(payload, writers=2)), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -97,15 +98,33 @@ class Receiver:
         return {d["rid"]: d["digest"] for d in map(json.loads, self.log.read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def receiver(tmp_path_factory):
-    log = tmp_path_factory.mktemp("kv") / "accepted.jsonl"
-    proc = spawn("serve", str(log))
+def start_receiver(log: Path, *mode: str) -> tuple[subprocess.Popen[str], Receiver]:
+    proc = spawn("serve", str(log), "0", *mode)
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
-    yield Receiver(f"127.0.0.1:{port}", log)
-    proc.terminate()
-    proc.wait(10)
+    return proc, Receiver(f"127.0.0.1:{port}", log)
+
+
+@pytest.fixture(scope="module")
+def receivers(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("kv")
+    copy, zero_copy = start_receiver(logs / "copy.jsonl"), start_receiver(logs / "zc.jsonl", "zero_copy")
+    yield {"copy": copy[1], "zero_copy": zero_copy[1]}
+    for proc, _ in (copy, zero_copy):
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def receiver(receivers):
+    return receivers["copy"]
+
+
+def route(path: str, receivers, senders):  # type: ignore[no-untyped-def]
+    """(receiver, sender) of a PATHS entry."""
+    if path == "shm-zero-copy":
+        return receivers["zero_copy"], senders["shm"]
+    return receivers["copy"], senders[path]
 
 
 @pytest.fixture(scope="module")
@@ -130,31 +149,34 @@ def send_and_check(receiver: Receiver, sender, payload) -> None:  # type: ignore
 # ---- tests -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("n", [50, 300])  # shorter and longer than the window (128)
-def test_round_trip_bit_exact(receiver, senders, transport, dtype, n):
-    meta = mimo_meta(n, dtype, rid=f"rt-{transport}-{dtype}-{n}")
-    send_and_check(receiver, senders[transport], random_payload(meta, seed=n))
+@pytest.mark.parametrize("n", [0, 50, 300])  # empty, shorter and longer than the window (128)
+def test_round_trip_bit_exact(receivers, senders, path, dtype, n):
+    receiver, sender = route(path, receivers, senders)
+    meta = mimo_meta(n, dtype, rid=f"rt-{path}-{dtype}-{n}")
+    send_and_check(receiver, sender, random_payload(meta, seed=n))
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_transfer_larger_than_64_mib(receiver, senders, transport):
-    meta = mimo_meta(3600, "float32", rid=f"big-{transport}", layers=(FULL, SWA) * 4)
+@pytest.mark.parametrize("path", PATHS)
+def test_transfer_larger_than_64_mib(receivers, senders, path):
+    receiver, sender = route(path, receivers, senders)
+    meta = mimo_meta(3600, "float32", rid=f"big-{path}", layers=(FULL, SWA) * 4)
     payload = random_payload(meta, seed=7)
     assert payload.nbytes > 64 << 20
-    send_and_check(receiver, senders[transport], payload)
+    send_and_check(receiver, sender, payload)
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_refusal_reaches_the_sender_and_nothing_is_held(receiver, senders, transport):
-    payload = random_payload(mimo_meta(200, rid=f"refuse-{transport}"), seed=3)
+@pytest.mark.parametrize("path", PATHS)
+def test_refusal_reaches_the_sender_and_nothing_is_held(receivers, senders, path):
+    receiver, sender = route(path, receivers, senders)
+    payload = random_payload(mimo_meta(3600, "float32", rid=f"refuse-{path}", layers=(FULL, SWA) * 2), seed=3)
     with pytest.raises(KVTransferError, match=f"refused .*{REFUSAL}"):
-        senders[transport].send(receiver.addr, payload)
+        sender.send(receiver.addr, payload)
     assert payload.meta.rid not in receiver.accepted()
     assert my_segments() == set()
     # the sender (torch: the same process group) still works afterwards
-    send_and_check(receiver, senders[transport], random_payload(mimo_meta(200, rid=f"after-{transport}"), seed=4))
+    send_and_check(receiver, sender, random_payload(mimo_meta(200, rid=f"after-{path}"), seed=4))
 
 
 def _closed_port() -> int:
@@ -218,11 +240,11 @@ def test_generated_stub_interoperates(receiver):
 def test_shm_segment_of_a_dead_sender_is_swept(receiver, senders):
     proc = spawn("orphan")
     assert proc.stdout is not None
-    name = proc.stdout.readline().strip()
+    names = proc.stdout.readline().split()
     assert proc.wait(30) == -signal.SIGKILL
-    assert (SHM_DIR / name).exists()  # the dead sender could not clean up
+    assert len(names) == 2 and all((SHM_DIR / n).exists() for n in names)  # the dead sender left them
     send_and_check(receiver, senders["shm"], random_payload(mimo_meta(30, rid="sweeper"), 8))
-    assert not (SHM_DIR / name).exists()  # the receiver swept it
+    assert not any((SHM_DIR / n).exists() for n in names)  # the receiver swept them
 
 
 def test_torch_several_senders_one_receiver(receiver, senders):
@@ -277,6 +299,21 @@ def test_torch_sender_killed_mid_transfer(receiver, senders):
     assert time.monotonic() - t0 < 5.0
 
 
+@pytest.mark.parametrize(
+    "sizes, parts, expected",
+    [
+        ([10, 10, 10, 10], 2, [(0, 2), (2, 4)]),
+        ([50, 1, 1, 1], 2, [(0, 1), (1, 4)]),
+        ([5], 4, [(0, 1)]),
+        ([1, 1, 1], 8, [(0, 1), (1, 2), (2, 3)]),
+        ([0, 0], 2, [(0, 2)]),
+        ([], 2, [(0, 0)]),
+    ],
+)
+def test_shm_split_is_contiguous_and_balanced(sizes, parts, expected):
+    assert [(r.start, r.stop) for r in split_sizes(sizes, parts)] == expected
+
+
 def test_unknown_transport_name():
     with pytest.raises(ValueError, match="unknown KV transport 'rdma'; known: grpc, shm, torch"):
         make_sender("rdma")
@@ -285,7 +322,7 @@ def test_unknown_transport_name():
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
     if cmd == "serve":
-        serve(rest[0], *map(int, rest[1:]))
+        serve(rest[0], int(rest[1]) if len(rest) > 1 else 0, rest[2:] == ["zero_copy"])
     elif cmd == "send":
         send_main(rest[0], rest[1], [int(s) for s in rest[2:]])
     elif cmd == "loop":

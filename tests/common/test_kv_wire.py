@@ -124,7 +124,7 @@ def test_hand_framed_chunks_are_protobuf():
         assert kv_pb2.KVChunk.FromString(raw).data == data
         assert bytes(decode_chunk(raw)) == data  # type: ignore[arg-type]
     header = header_from_meta(mimo_meta(3), "shm")
-    header.shm.segment = "swaserve-kv-1-x"
+    header.shm.segments.append("swaserve-kv-1-x-0")
     decoded = decode_chunk(encode_header_chunk(header))
     assert isinstance(decoded, kv_pb2.KVHeader) and decoded == header
     with pytest.raises(KVWireError, match="empty"):
@@ -174,3 +174,17 @@ def test_second_header_is_an_error():
         assemble(p.meta, [encode_header_chunk(header_from_meta(p.meta, "grpc")), *_data_chunks(p)])
     with pytest.raises(KVWireError, match="start with a header"):
         payload_from_chunks(_data_chunks(p))
+
+
+def test_adopted_tensors_must_cover_every_nonempty_tensor():
+    p = random_payload(mimo_meta(5, "bfloat16", layers=(FULL, SWA)), 9)
+    wire = [torch.frombuffer(bytearray(bytes(v)), dtype=torch.uint8) for v in payload_views(p)]
+    asm = PayloadAssembler(p.meta, allocate=False)
+    with pytest.raises(KVWireError, match="expected"):
+        asm.adopt([wire[1]], range(0, 1))  # V0's bytes where K0 belongs: another size
+    asm.adopt(wire[:3], range(0, 3))
+    asm.mark_filled()
+    with pytest.raises(KVWireError, match="never filled"):
+        asm.finish()
+    asm.adopt(wire[3:], range(3, 4))
+    assert same_bits(asm.finish(), p)

@@ -49,7 +49,13 @@ import torch.distributed as dist
 
 from services.common.kv_payload import KVMeta, KVPayload
 from services.common.kv_transport.base import KVReceiver, KVSender, KVTransferError, register_transport
-from services.common.kv_wire import KVWireError, PayloadAssembler, encode_header_chunk, header_from_meta, payload_tensors
+from services.common.kv_wire import (
+    KVWireError,
+    PayloadAssembler,
+    encode_header_chunk,
+    header_from_meta,
+    payload_tensors,
+)
 from services.proto_gen import kv_pb2
 
 TAG_SPAN = 1 << 30  # gloo tags are non-negative int32
@@ -284,7 +290,7 @@ class TorchReceiver(KVReceiver):
         with pair.lock:
             try:
                 asm = PayloadAssembler(meta)
-                slots = [(r.tag + i, t, _recv_buffer(t, pair.device)) for i, t in enumerate(asm.tensors) if t.numel()]
+                slots = [(r.tag + i, t, _recv_buffer(t, pair.device)) for i, t in enumerate(asm.allocated()) if t.numel()]
                 works = [pair.pg.recv([buf], 0, tag) for tag, _, buf in slots]
                 pair.store.set(f"go/{r.tag}", b"1")
                 if not wait_works(pair.pg, works, [buf for _, _, buf in slots], active, deadline):

@@ -1,0 +1,331 @@
+"""Router overhead: how long one routing decision takes, and what the router adds to a request.
+
+Setup: a real redis-server holding 64 registered prefill workers (plus 16 decode) with loads, and a
+prefix index holding 256 conversations of 30k tokens spread over the workers (SWA kept only at each
+conversation's end, as the radix cache retains it), plus a 2k-token system prompt every worker holds.
+Requests are 32k-token prompts (page 64: 512 blocks): half continue a conversation (a ~30k window-safe
+hit on one worker), half are new (only the system prompt hits, on every worker).
+
+  decision   in-process, one thread: hash the prompt (hash_blocks), read the candidates from the
+             Redis-backed pool's snapshot, index match, filters, scorers, picker. p50 / p99 and
+             decisions/s (= 1 / mean latency of one thread).
+  HTTP       the router as a process (`python -m services.router.main`), FAKE workers (another
+             process, one gRPC server answering Reserve / Prefill instantly, 80 ports) vs calling a
+             fake worker's Prefill directly over gRPC; one client, sequential requests, request
+             bodies encoded once up front. "adds" = router p50 - direct p50.
+
+Goals: decision p99 <= 2 ms; HTTP adds <= 3 ms p50. The index is services.common.prefix_index when
+importable, else the tests' FakePrefixIndex (the table says which).
+
+    python bench/router_overhead.py [--quick] [--workers 64] [--prompt-tokens 32768] [--page-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from services.common.block_hash import hash_blocks  # noqa: E402
+from services.common.redis_server import RedisServer  # noqa: E402
+from services.common.registry import WorkerRecord, WorkerRegistry  # noqa: E402
+from services.proto_gen import worker_pb2, worker_pb2_grpc  # noqa: E402
+from services.router.discovery import RedisWorkerPool  # noqa: E402
+from services.router.policy import PolicyConfig  # noqa: E402
+from services.router.routing import CandidateSource, RoutingPipeline  # noqa: E402
+
+MODEL = "smollm2"
+WINDOW = 128
+SYSTEM_TOKENS = 2048
+CONV_TOKENS = 30 * 1024
+
+
+# -- fake workers (a child process) ---------------------------------------------------------------
+class InstantWorker(worker_pb2_grpc.PrefillWorkerServicer, worker_pb2_grpc.DecodeWorkerServicer):
+    def Prefill(self, request: Any, context: Any) -> Any:
+        return worker_pb2.PrefillReply(
+            rid=request.rid, first_token=1, first_logprob=-0.1, finish_reason="length"
+        )
+
+    def Reserve(self, request: Any, context: Any) -> Any:
+        return worker_pb2.ReserveReply(ok=True)
+
+    def Abort(self, request: Any, context: Any) -> Any:
+        return worker_pb2.AbortReply(found=True)
+
+    def Health(self, request: Any, context: Any) -> Any:
+        return worker_pb2.HealthReply(role="prefill", model=MODEL, ready=True)
+
+
+def serve_fake_workers(n_ports: int) -> None:
+    opts = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=opts)
+    w = InstantWorker()
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(w, server)
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(w, server)
+    ports = [server.add_insecure_port("127.0.0.1:0") for _ in range(n_ports)]
+    server.start()
+    print(json.dumps(ports), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop(0)
+
+
+# -- the cluster state ----------------------------------------------------------------------------
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(1, 49_000) for _ in range(n)]
+
+
+def make_index(page: int) -> tuple[Any, str]:
+    try:
+        from services.common.prefix_index import PrefixIndex
+
+        return PrefixIndex(page, WINDOW), "services.common.prefix_index"
+    except ImportError:
+        from tests.router.fake_index import FakePrefixIndex
+
+        return FakePrefixIndex(page, WINDOW), "FAKE test index (prefix_index not importable)"
+
+
+def put(index: Any, worker: str, full: list[Any], swa: list[Any]) -> None:
+    if hasattr(index, "tombstone"):  # the test double
+        index.store(worker, full)
+        index.tombstone(worker, set(full) - set(swa))
+    else:
+        index.store(worker, "full", full)
+        index.store(worker, "swa", swa)
+
+
+class Cluster:
+    def __init__(self, args: argparse.Namespace, redis_url: str, addrs: list[str]) -> None:
+        rng = random.Random(0)
+        page, n = args.page_size, args.workers
+        self.index, self.index_name = make_index(page)
+        need = -(-WINDOW // page)
+        system = tokens(rng, SYSTEM_TOKENS)
+        sys_hashes = hash_blocks(system, page)
+        self.prefill = [f"prefill-{i}" for i in range(n)]
+        self.convs: list[list[int]] = []
+        for i in range(n):
+            put(self.index, addrs[i], sys_hashes, sys_hashes[-need:])
+        for c in range(args.conversations):
+            conv = system + tokens(rng, CONV_TOKENS - SYSTEM_TOKENS)
+            hashes = hash_blocks(conv, page)
+            put(self.index, addrs[c % n], hashes, hashes[-need:])  # SWA kept at the prompt end only
+            self.convs.append(conv)
+        reg = WorkerRegistry(redis_url, ttl=3600)
+        for i, addr in enumerate(addrs):
+            role = "prefill" if i < n else "decode"
+            rec = WorkerRecord(role=role, addr=addr, model=MODEL, capacity_tokens=1_000_000, updated_at=time.time(),
+                               labels={"bucket": "short"}, running=rng.randrange(4), waiting=rng.randrange(4),
+                               queued_tokens=rng.randrange(0, 65536),
+                               free_kv_tokens=rng.randrange(100_000, 1_000_000))  # fmt: skip
+            reg.redis.set(reg.key(role, rec.worker_id), rec.to_json(), ex=3600)
+        self.system = system
+
+    def prompts(self, rng: random.Random, count: int, length: int) -> list[list[int]]:
+        out = []
+        for i in range(count):
+            if i % 2 == 0:  # the next turn of a conversation
+                base = self.convs[rng.randrange(len(self.convs))]
+                out.append(base + tokens(rng, length - len(base)))
+            else:
+                out.append(self.system + tokens(rng, length - len(self.system)))
+        return out
+
+
+class Source:
+    def __init__(self, index: Any) -> None:
+        self.index, self.ready, self.redis_ok = index, True, True
+
+
+# -- measurements ---------------------------------------------------------------------------------
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def bench_decisions(args: argparse.Namespace, cluster: Cluster, redis_url: str) -> dict[str, Any]:
+    cfg = PolicyConfig(page_size=args.page_size, window=WINDOW)
+    pipe = RoutingPipeline(cfg, Source(cluster.index))
+    pool = RedisWorkerPool(redis_url, model=MODEL, refresh_s=0.5)
+    candidates = CandidateSource(pool)  # as the dispatcher reads them
+    rng = random.Random(1)
+    prompts = cluster.prompts(rng, args.decisions, args.prompt_tokens)
+    total: list[float] = []
+    phases: dict[str, list[float]] = {"hash": [], "candidates": [], "match+score+pick": []}
+    reasons: dict[str, int] = {}
+    try:
+        for i, ids in enumerate(prompts * 2):
+            t0 = time.perf_counter()
+            p = pipe.prepare(ids)
+            t1 = time.perf_counter()
+            pre, dec = candidates("prefill"), candidates("decode")
+            t2 = time.perf_counter()
+            d = pipe.decide(p, pre, dec, max_tokens=256)
+            t3 = time.perf_counter()
+            if i < len(prompts):
+                continue  # the first pass warms up
+            total.append(t3 - t0)
+            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                phases[k].append(v)
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+    finally:
+        pool.close()
+    return {"total": total, "phases": phases, "reasons": reasons, "n_prefill": len(pre), "n_decode": len(dec)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bench_http(
+    args: argparse.Namespace, cluster: Cluster, redis_url: str, ports: list[int]
+) -> dict[str, Any]:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "services.router.main", "--port", str(port), "--model", MODEL,
+           "--redis-url", redis_url, "--page-size", str(args.page_size), "--kv-window", str(WINDOW),
+           "--max-context", str(args.prompt_tokens + 1024), "--log-level", "warning"]  # fmt: skip
+    router = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rng = random.Random(2)
+    prompts = cluster.prompts(rng, 8, args.prompt_tokens)
+    bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": 1}).encode() for p in prompts]
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{ports[0]}", options=[("grpc.max_send_message_length", 1 << 26)]
+    )
+    stub = worker_pb2_grpc.PrefillWorkerStub(channel)
+    direct_reqs = [worker_pb2.PrefillRequest(rid=f"r{i}", prompt_ids=p, decode_addr=f"127.0.0.1:{ports[-1]}",
+                                             sampling=worker_pb2.SamplingParams(max_tokens=1))
+                   for i, p in enumerate(prompts)]  # fmt: skip
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if h.get("/health").json().get("prefill_workers") == args.workers:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if router.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the router did not come up")
+                time.sleep(0.2)
+            headers = {"content-type": "application/json"}
+            via, direct = [], []
+            for i in range(args.http_requests + 20):
+                body, req = bodies[i % len(bodies)], direct_reqs[i % len(direct_reqs)]
+                t0 = time.perf_counter()
+                stub.Prefill(req, timeout=10)
+                t1 = time.perf_counter()
+                r = h.post("/v1/completions", content=body, headers=headers)
+                t2 = time.perf_counter()
+                if r.status_code != 200:
+                    raise SystemExit(f"router answered {r.status_code}: {r.text[:300]}")
+                if i >= 20:  # warm-up
+                    direct.append(t1 - t0)
+                    via.append(t2 - t1)
+            small = json.dumps({"model": MODEL, "prompt": prompts[0][:1024], "max_tokens": 1}).encode()
+            small_req = worker_pb2.PrefillRequest(
+                rid="s", prompt_ids=prompts[0][:1024], sampling=direct_reqs[0].sampling
+            )
+            via_small, direct_small = [], []
+            for _ in range(args.http_requests):
+                t0 = time.perf_counter()
+                stub.Prefill(small_req, timeout=10)
+                t1 = time.perf_counter()
+                h.post("/v1/completions", content=small, headers=headers)
+                via_small.append(time.perf_counter() - t1)
+                direct_small.append(t1 - t0)
+    finally:
+        channel.close()
+        router.terminate()
+        router.wait(timeout=15)
+    return {"via": via, "direct": direct, "via_small": via_small, "direct_small": direct_small}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer decisions and requests (under a minute)")
+    p.add_argument("--workers", type=int, default=64, help="registered prefill workers")
+    p.add_argument("--decode-workers", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=32768)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--conversations", type=int, default=256)
+    p.add_argument("--serve-fake-workers", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_fake_workers:
+        serve_fake_workers(args.serve_fake_workers)
+        return
+    args.decisions = 200 if args.quick else 1000
+    args.http_requests = 100 if args.quick else 400
+    if args.quick:
+        args.conversations = min(args.conversations, 128)
+    n_ports = args.workers + args.decode_workers
+    fakes = subprocess.Popen([sys.executable, __file__, "--serve-fake-workers", str(n_ports)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert fakes.stdout is not None and fakes.stdin is not None
+    ports = json.loads(fakes.stdout.readline())
+    addrs = [f"127.0.0.1:{port}" for port in ports]
+    try:
+        with RedisServer() as redis_server:
+            t = time.perf_counter()
+            cluster = Cluster(args, redis_server.url, addrs)
+            print(f"index: {cluster.index_name}; {args.conversations} conversations over {args.workers} workers, "
+                  f"built in {time.perf_counter() - t:.1f}s", flush=True)  # fmt: skip
+            dec = bench_decisions(args, cluster, redis_server.url)
+            http = bench_http(args, cluster, redis_server.url, ports)
+    finally:
+        fakes.stdin.close()
+        fakes.wait(timeout=10)
+    report(args, cluster, dec, http)
+
+
+def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http: dict[str, Any]) -> None:
+    ms = 1e3
+    tot = dec["total"]
+    blocks = args.prompt_tokens // args.page_size
+    print(f"\nreasons: {dec['reasons']}; candidates: {dec['n_prefill']} prefill, {dec['n_decode']} decode")
+    print(
+        "phase p50 (ms): "
+        + ", ".join(f"{k} {statistics.median(v) * ms:.3f}" for k, v in dec["phases"].items())
+    )
+    print(f"\n## Router overhead ({args.workers} prefill workers, {args.prompt_tokens}-token prompts = {blocks} "
+          f"blocks of {args.page_size}; index: {cluster.index_name}; {os.cpu_count()} cores)")  # fmt: skip
+    print("| measurement | p50 ms | p99 ms | per s | goal | met |")
+    print("|---|---|---|---|---|---|")
+    p99 = pct(tot, 0.99)
+    print(f"| decision (hash + candidates + match + score + pick), n={len(tot)} | {statistics.median(tot) * ms:.3f} "
+          f"| {p99 * ms:.3f} | {1 / statistics.mean(tot):,.0f} | p99 <= 2 ms | {'yes' if p99 <= 0.002 else 'NO'} |")  # fmt: skip
+    for label, via, direct in [
+        ("32k", http["via"], http["direct"]),
+        ("1k", http["via_small"], http["direct_small"]),
+    ]:
+        v50, d50 = statistics.median(via), statistics.median(direct)
+        added = v50 - d50
+        print(f"| direct gRPC Prefill to a fake worker, {label} prompt | {d50 * ms:.2f} | {pct(direct, 0.99) * ms:.2f} "
+              f"| {1 / statistics.mean(direct):,.0f} | | |")  # fmt: skip
+        goal = "<= 3 ms" if label == "32k" else ""
+        met = ("yes" if added <= 0.003 else "NO") if goal else ""
+        print(f"| via router HTTP (Reserve + Prefill), {label} prompt | {v50 * ms:.2f} | {pct(via, 0.99) * ms:.2f} "
+              f"| {1 / statistics.mean(via):,.0f} | | |")  # fmt: skip
+        print(f"| router adds, {label} prompt (p50 difference) | {added * ms:.2f} | | | {goal} | {met} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Scorers: how good each candidate is for the request, in [0, 1], higher = better.
+
+The seed policy (the default) is
+
+    score = match_weight * prefix_match_fraction - normalized_load
+
+spelled as two scorers, `prefix_match` (weight match_weight) and `load` (weight 1), which returns
+1 - normalized_load: the sum is the seed score plus 1, so it ranks the same.
+
+    prefix_match_fraction = safe_blocks / query_blocks        (window-safe: raw hits never count)
+    normalized_load       = load / max(max load of the candidates, prompt_len, load_floor_tokens)
+    load                  = queued_tokens + running_tokens    (as the worker last published them)
+
+The prompt length in the normalizer keeps tiny loads tiny: a worker with 10 queued tokens is not
+"fully loaded" next to an idle one when the request itself is 30k tokens.
+
+The cost scorer predicts time to first token on each worker:
+
+    cached   = l1 * L1 + l2 * (L2 - L1)+ + l3 * (L3 - max(L1, L2))+     (tokens; credits by tier)
+    ttft     = overhead + (queued_tokens + prompt_len - cached) / tokens_per_s
+    score    = min ttft over the candidates / ttft                      (1 for the fastest)
+
+Decode: `free_kv` (free KV tokens / the most free) and `running` (1 - requests / the most requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.router.policy.base import Candidate, RouteRequest, Scorer
+
+
+class PrefixMatchScorer(Scorer):
+    """The window-safe fraction of the prompt's full pages cached on the worker (L1)."""
+
+    name = "prefix_match"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        n = req.query_blocks
+        if n == 0 or not req.index_usable:
+            return [0.0] * len(cands)
+        return [min(req.hit(c).safe_blocks, n) / n for c in cands]
+
+
+class LoadScorer(Scorer):
+    """1 - normalized_load (see the module doc)."""
+
+    name = "load"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        loads = [c.load_tokens for c in cands]
+        denom = max(max(loads, default=0), req.prompt_len, self.config.load_floor_tokens, 1)
+        return [1.0 - load / denom for load in loads]
+
+
+class CostScorer(Scorer):
+    """min_ttft / ttft: the fastest predicted first token scores 1, one twice as slow 0.5."""
+
+    name = "cost"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        ttfts = [self.predict_ttft(req, c) for c in cands]
+        best = min(ttfts, default=0.0)
+        return [best / t if t > 0 else 1.0 for t in ttfts]
+
+    def cached_credit(self, req: RouteRequest, c: Candidate) -> float:
+        """Prompt tokens whose prefill the worker skips, weighted by the tier they come from."""
+        if not req.index_usable:
+            return 0.0
+        credit = self.config.tier_credit
+        hit = req.hit(c)
+        l1 = req.tokens(hit.safe_blocks)
+        l2 = req.tokens(hit.l2_blocks)
+        l3 = req.tokens(req.l3_blocks)
+        cached = credit.l1 * l1 + credit.l2 * max(0, l2 - l1) + credit.l3 * max(0, l3 - max(l1, l2))
+        return min(cached, req.prompt_len - 1.0)  # the last prompt token is always computed
+
+    def predict_ttft(self, req: RouteRequest, c: Candidate) -> float:
+        tps = c.tokens_per_s or self.config.prefill_tokens_per_s
+        work = c.queued_tokens + req.prompt_len - self.cached_credit(req, c)
+        return self.config.prefill_overhead_s + work / tps
+
+
+class FreeKVScorer(Scorer):
+    """Free KV tokens relative to the candidate with the most (unknown load counts as the most)."""
+
+    name = "free_kv"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        top = max((c.free_kv_tokens for c in cands if c.has_load), default=0)
+        if top <= 0:
+            return [1.0] * len(cands)
+        return [c.free_kv_tokens / top if c.has_load else 1.0 for c in cands]
+
+
+class RunningScorer(Scorer):
+    """1 - requests on the worker (running + waiting) relative to the busiest candidate."""
+
+    name = "running"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        reqs = [c.running + c.waiting for c in cands]
+        top = max(reqs, default=0)
+        if top <= 0:
+            return [1.0] * len(cands)
+        return [1.0 - r / top for r in reqs]

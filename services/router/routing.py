@@ -1,0 +1,261 @@
+"""The transport-free routing entry: prompt token ids + candidates -> RoutingDecision.
+
+    prompt ids --hash_blocks--> block hashes --index.match--> PrefixHit per worker
+    prefill candidates --prefill Profile--> ranking ----\
+    decode candidates  --decode Profile---> ranking -----+--> RoutingDecision
+
+Everything a decision reads is shared state: the candidates' loads come from the Redis registry,
+the prefix index from the workers' KV events in Redis, ties are broken by a hash of the prompt.
+Two router replicas with the same Redis state decide the same for the same request; nothing here
+counts this replica's own requests.
+
+The index is used only while it is ready and its Redis is reachable. Otherwise (Redis down, the
+follower still catching up, no index configured) decisions are load-only, from the last registry
+snapshot, with reason `index_unavailable` / `no_index`; the change is logged once each way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common.block_hash import ROOT_HASH, BlockHash, hash_block, hash_blocks
+from services.common.registry import WorkerRecord
+from services.router.policy import Candidate, PolicyConfig, PrefixHit, Profile, RouteRequest
+from services.router.workers import Role, WorkerPool
+
+log = logging.getLogger("swaserve.router.routing")
+
+REASONS = ("cache_hit", "load_over_cache", "cache_miss", "index_unavailable", "no_index")
+
+
+class PrefixIndexLike(Protocol):
+    """services.common.prefix_index.PrefixIndex as the router uses it."""
+
+    def match(
+        self, block_hashes: Sequence[BlockHash], workers: Iterable[str] | None = None
+    ) -> Mapping[str, Any]:
+        """worker_id -> an object with `raw_blocks` and `safe_blocks` (WorkerMatch)."""
+        ...
+
+
+class IndexSource(Protocol):
+    """services.common.kv_event_bus.KVIndexFollower as the router uses it."""
+
+    @property
+    def index(self) -> PrefixIndexLike: ...
+
+    @property
+    def ready(self) -> Any: ...  # bool (or an Event, or a method returning bool)
+
+    @property
+    def redis_ok(self) -> Any: ...
+
+
+class NoCandidate(Exception):
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no {role} worker is available")
+        self.role = role
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt hashed once per request (the hashes serve every retry and every choice)."""
+
+    token_ids: Sequence[int]
+    block_hashes: tuple[BlockHash, ...]
+    key: bytes  # hash of the whole prompt, the partial last page included
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    prefill: Candidate
+    decode: Candidate  # the first to ask; Reserve falls through decode_ranking
+    uncached_tokens: int  # prompt tokens the chosen prefill worker is expected to compute
+    raw_match_tokens: int  # its cached prefix with full-attention KV (not routable by itself)
+    safe_match_tokens: int  # its window-safe cached prefix
+    reason: str  # one of REASONS
+    prompt_tokens: int
+    bucket: str = ""
+    bucket_fallback: str = ""  # the prompt's own bucket, when a nearer one had to serve it
+    prefill_ranking: tuple[Candidate, ...] = ()
+    decode_ranking: tuple[Candidate, ...] = ()
+    scores: Mapping[str, float] | None = None  # prefill scores by worker_id
+
+    @property
+    def raw_match_fraction(self) -> float:
+        return self.raw_match_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def safe_match_fraction(self) -> float:
+        return self.safe_match_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class RoutingPipeline:
+    def __init__(self, config: PolicyConfig, index: IndexSource | None = None, model: str = "") -> None:
+        self.config = config
+        self.index = index
+        self.model = model
+        self.prefill_profile = Profile.build("prefill", config.prefill_spec(), config)
+        self.decode_profile = Profile.build("decode", config.decode_spec(), config)
+        self.index_errors = 0
+        self._usable_last: bool | None = None
+
+    def prepare(self, prompt_ids: Sequence[int]) -> Prompt:
+        ps = self.config.page_size
+        hashes = tuple(hash_blocks(prompt_ids, ps))
+        full = len(hashes) * ps
+        tail = hash_block(hashes[-1] if hashes else ROOT_HASH, prompt_ids[full:], b"route-key")
+        return Prompt(prompt_ids, hashes, tail.to_bytes(16, "big"))
+
+    def decide(
+        self,
+        prompt: Prompt | Sequence[int],
+        prefill: Sequence[Candidate],
+        decode: Sequence[Candidate],
+        *,
+        max_tokens: int = 0,
+        exclude: Collection[str] = (),
+    ) -> RoutingDecision:
+        """Rank both roles. `exclude`: addresses that failed this request, avoided if others remain.
+        Raises NoCandidate when a role has no worker."""
+        p = prompt if isinstance(prompt, Prompt) else self.prepare(prompt)
+        usable = self.index_usable()
+        req = RouteRequest(
+            prompt_len=len(p.token_ids),
+            max_tokens=max_tokens,
+            block_hashes=p.block_hashes,
+            page_size=self.config.page_size,
+            key=p.key,
+            matches=self._matches(p.block_hashes) if usable else {},
+            index_usable=usable,
+            model=self.model,
+        )
+        pre = self.prefill_profile.rank(req, _avoid(prefill, exclude))
+        dec = self.decode_profile.rank(req, _avoid(decode, exclude))
+        if pre.best is None:
+            raise NoCandidate("prefill")
+        if dec.best is None:
+            raise NoCandidate("decode")
+        hit = req.hit(pre.best)
+        safe = req.tokens(hit.safe_blocks)
+        return RoutingDecision(
+            prefill=pre.best,
+            decode=dec.best,
+            uncached_tokens=req.prompt_len - min(safe, req.prompt_len - 1),
+            raw_match_tokens=req.tokens(hit.raw_blocks),
+            safe_match_tokens=safe,
+            reason=self._reason(req, pre.ordered, hit.safe_blocks),
+            prompt_tokens=req.prompt_len,
+            bucket=pre.notes.get("bucket", ""),
+            bucket_fallback=pre.notes.get("bucket_fallback", ""),
+            prefill_ranking=pre.ordered,
+            decode_ranking=dec.ordered,
+            scores=pre.scores,
+        )
+
+    def index_usable(self) -> bool:
+        src = self.index
+        usable = src is not None and _flag(src, "ready") and _flag(src, "redis_ok")
+        if src is not None and usable != self._usable_last:
+            if usable:
+                log.warning("routing: prefix index usable; cache-aware routing on")
+            else:
+                log.warning("routing: prefix index not usable (Redis down or catching up); load-only routing")
+            self._usable_last = usable
+        return usable
+
+    def _matches(self, hashes: Sequence[BlockHash]) -> dict[str, PrefixHit]:
+        if not hashes or self.index is None:
+            return {}
+        try:
+            raw = self.index.index.match(hashes)
+        except Exception:  # noqa: BLE001 - a broken index degrades to load-only, never fails a request
+            self.index_errors += 1
+            log.exception("routing: prefix index match failed; routing this request by load")
+            return {}
+        return {
+            w: PrefixHit(int(m.raw_blocks), int(m.safe_blocks), int(getattr(m, "l2_blocks", 0)))
+            for w, m in raw.items()
+        }
+
+    def _reason(self, req: RouteRequest, ranked: Sequence[Candidate], chosen_safe: int) -> str:
+        if self.index is None:
+            return "no_index"
+        if not req.index_usable:
+            return "index_unavailable"
+        best = max((req.hit(c).safe_blocks for c in ranked), default=0)
+        if best == 0:
+            return "cache_miss"
+        return "cache_hit" if chosen_safe == best else "load_over_cache"
+
+
+def _avoid(cands: Sequence[Candidate], exclude: Collection[str]) -> list[Candidate]:
+    if not exclude:
+        return list(cands)
+    return [c for c in cands if c.addr not in exclude] or list(cands)
+
+
+def _flag(obj: object, name: str) -> bool:
+    value = getattr(obj, name, False)
+    if hasattr(value, "is_set"):
+        return bool(value.is_set())
+    if callable(value):
+        return bool(value())
+    return bool(value)
+
+
+# -- candidates from a worker pool ---------------------------------------------------------------
+def candidate_from_record(r: WorkerRecord, healthy: bool = True) -> Candidate:
+    labels = r.labels or {}
+    try:
+        tps = float(labels.get("prefill_tokens_per_s", 0) or 0)
+    except ValueError:
+        tps = 0.0
+    return Candidate(
+        worker_id=r.worker_id,
+        addr=r.addr,
+        role=r.role,
+        model=r.model,
+        bucket=labels.get("bucket", ""),
+        running=r.running,
+        waiting=r.waiting,
+        free_kv_tokens=r.free_kv_tokens,
+        queued_tokens=r.queued_tokens,
+        capacity_tokens=r.capacity_tokens,
+        tokens_per_s=tps,
+        has_load=True,
+        healthy=healthy,
+    )
+
+
+def candidates_of(pool: WorkerPool, role: Role) -> list[Candidate]:
+    """The pool's routable workers as candidates: with their Redis load when the pool has records
+    (`routable_records(role)`, RedisWorkerPool), else by address only."""
+    records = getattr(pool, "routable_records", None)
+    if records is not None:
+        return [candidate_from_record(r) for r in records(role)]
+    workers = pool.prefill_workers() if role == "prefill" else pool.decode_workers()
+    return [Candidate(worker_id=w.addr, addr=w.addr, role=role, model=w.model) for w in workers]
+
+
+class CandidateSource:
+    """`candidates_of(pool, role)`, rebuilt only when the pool's snapshot changed (a pool with a
+    `version`, RedisWorkerPool); the lists it returns are shared: callers do not mutate them."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self._cache: dict[str, tuple[int, list[Candidate]]] = {}
+
+    def __call__(self, role: Role) -> list[Candidate]:
+        version = getattr(self.pool, "version", None)
+        if version is None:
+            return candidates_of(self.pool, role)
+        cached = self._cache.get(role)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        cands = candidates_of(self.pool, role)  # read after the version: never older than it
+        self._cache[role] = (version, cands)
+        return cands
