@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-transport", default="grpc", help="default KV transport (a request may name another)")
     p.add_argument("--timeout", type=float, default=600.0, help="max seconds for one prefill")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV cache events to Redis")
+    p.add_argument(
+        "--bucket", default="", help="the prompt-length pool this worker serves (a router --length-buckets name); "
+        "empty: every length"
+    )
     return p
 
 
@@ -38,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "queued_tokens": s.queued_tokens}  # fmt: skip
 
         return Built(
-            close=worker.close, load=load, labels={"kv_transport": args.kv_transport},
+            close=worker.close, load=load,
+            labels={"kv_transport": args.kv_transport, **({"bucket": args.bucket} if args.bucket else {})},
             kv_events=not args.no_kv_events,
         )  # fmt: skip
 
