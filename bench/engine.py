@@ -187,6 +187,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for name, ctx, hb, fb, ratio, theory in kv_bytes_table():
         print(f"| {name} | {ctx} | {hb:,.0f} | {fb:,.0f} | {ratio:.2f}x | {theory:.2f}x |")
+    s = results["swaserve"]
+    print(f"\nswaserve latencies: TTFT p50 {s['ttft_p50']*1e3:.0f} ms p99 {s['ttft_p99']*1e3:.0f} ms; "
+          f"TPOT p50 {s['tpot_p50']*1e3:.1f} ms; ITL p50 {s['itl_p50']*1e3:.1f} ms p99 {s['itl_p99']*1e3:.1f} ms; "
+          f"E2E p50 {s['e2e_p50']:.2f} s")
     print(f"\n## Engine throughput ({model_dir.name}, {n} requests, {wl.prompt_tokens} prompt tokens, "
           f"{out_len} output tokens each)")
     print("| mode | wall s | output tok/s | prefill tok/s | vs best transformers |")
@@ -194,10 +198,6 @@ def main() -> int:
     for name, r in results.items():
         tps = r["out"] / r["wall"]
         print(f"| {name} | {r['wall']:.1f} | {tps:.1f} | {prefill[name]:.0f} | {tps / best_hf:.2f}x |")
-    s = results["swaserve"]
-    print(f"\nswaserve latencies: TTFT p50 {s['ttft_p50']*1e3:.0f} ms p99 {s['ttft_p99']*1e3:.0f} ms; "
-          f"TPOT p50 {s['tpot_p50']*1e3:.1f} ms; ITL p50 {s['itl_p50']*1e3:.1f} ms p99 {s['itl_p99']*1e3:.1f} ms; "
-          f"E2E p50 {s['e2e_p50']:.2f} s")
     return 0
 
 

@@ -38,15 +38,18 @@ class _SeqIndex:
         self.swa_write_from = step.swa_write_start - step.start  # offset into this step's new tokens
 
 
-class _DecodeSeq:
-    """One decode sequence: the slots its new token sees (old context + its own), and where it writes."""
+class _Decodes:
+    """All decode sequences of the step: their rows, one write per sequence per kind, and for each
+    sequence the slots its new token sees (old context + its own, last)."""
 
-    def __init__(self, seg: SeqSegment, step: StepSlots, device: torch.device) -> None:
-        self.row = seg.batch_start
-        self.full_ctx = _t(step.full_read + step.full_write, device)
-        self.full_write = _t(step.full_write, device)
-        self.swa_ctx = _t(step.swa_read + step.swa_write, device)
-        self.swa_write = _t(step.swa_write, device)
+    def __init__(self, segs: list[SeqSegment], steps: list[StepSlots], device: torch.device) -> None:
+        self.rows = _t([s.batch_start for s in segs], device)
+        self.full_ctx = [_t(st.full_read + st.full_write, device) for st in steps]
+        self.swa_ctx = [_t(st.swa_read + st.swa_write, device) for st in steps]
+        self.full_write = _t([w for st in steps for w in st.full_write], device)
+        self.full_write_rows = _t([s.batch_start for s, st in zip(segs, steps, strict=True) if st.full_write], device)
+        self.swa_write = _t([w for st in steps for w in st.swa_write], device)
+        self.swa_write_rows = _t([s.batch_start for s, st in zip(segs, steps, strict=True) if st.swa_write], device)
 
 
 class PagedBackend:
@@ -56,7 +59,8 @@ class PagedBackend:
         self.segments = segments
         pairs = list(zip(segments, steps, strict=True))
         self.chunks = [_SeqIndex(seg, st, device) for seg, st in pairs if seg.num_tokens > 1]
-        self.decodes = [_DecodeSeq(seg, st, device) for seg, st in pairs if seg.num_tokens == 1]
+        decodes = [(seg, st) for seg, st in pairs if seg.num_tokens == 1]
+        self.decodes = _Decodes([d[0] for d in decodes], [d[1] for d in decodes], device) if decodes else None
 
     def attend(self, layer: LayerAttn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         swa = self.store.specs[layer.layer_id].kind == "swa"
@@ -65,23 +69,33 @@ class PagedBackend:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
         for ix in self.chunks:
             out[ix.rows] = self._attend_chunk(layer, swa, ix, q[ix.rows], k[ix.rows], v[ix.rows])
+        if self.decodes is not None:
+            out[self.decodes.rows] = self._attend_decodes(layer, swa, self.decodes, q, k, v)
+        return out
+
+    def _attend_decodes(
+        self, layer: LayerAttn, swa: bool, d: _Decodes, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         kbuf, vbuf = self.store.k[layer.layer_id], self.store.v[layer.layer_id]
+        write, write_rows, ctxs = (
+            (d.swa_write, d.swa_write_rows, d.swa_ctx) if swa else (d.full_write, d.full_write_rows, d.full_ctx)
+        )
+        kbuf.index_copy_(0, write, k.index_select(0, write_rows).to(kbuf.dtype))
+        vbuf.index_copy_(0, write, v.index_select(0, write_rows).to(vbuf.dtype))
         hq, hkv, dim = q.shape[1], k.shape[1], q.shape[2]
+        qs = (q.index_select(0, d.rows).float() * layer.scale).reshape(-1, hkv, hq // hkv, dim)  # [B, Hkv, G, D]
         sinks = layer.sinks.float().reshape(hkv, hq // hkv, 1) if layer.sinks is not None else None
-        for d in self.decodes:
-            ctx, write = (d.swa_ctx, d.swa_write) if swa else (d.full_ctx, d.full_write)
-            kbuf.index_copy_(0, write, k[d.row : d.row + 1].to(kbuf.dtype))
-            vbuf.index_copy_(0, write, v[d.row : d.row + 1].to(vbuf.dtype))
+        outs = []
+        for i, ctx in enumerate(ctxs):
             keys = kbuf.index_select(0, ctx).float()  # [L, Hkv, D], the new token last
             values = vbuf.index_select(0, ctx).float()
-            qg = q[d.row].float().reshape(hkv, hq // hkv, dim)  # [Hkv, G, D]
-            scores = torch.matmul(qg, keys.permute(1, 2, 0)) * layer.scale  # [Hkv, G, L]
+            scores = torch.matmul(qs[i], keys.permute(1, 2, 0))  # [Hkv, G, L]
             if sinks is not None:
                 probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
             else:
                 probs = torch.softmax(scores, dim=-1)
-            out[d.row] = torch.matmul(probs, values.transpose(0, 1)).reshape(hq, -1).to(q.dtype)
-        return out
+            outs.append(torch.matmul(probs, values.transpose(0, 1)))  # [Hkv, G, Dv]
+        return torch.stack(outs).reshape(len(ctxs), hq, -1).to(q.dtype)
 
     def _attend_chunk(
         self, layer: LayerAttn, swa: bool, ix: _SeqIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
