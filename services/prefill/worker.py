@@ -110,7 +110,9 @@ class PrefillWorker:
         self.timeout = timeout
         self._senders: dict[str, KVSender] = {}
         self._lock = threading.Lock()
-        self._shipping: dict[str, bool] = {}  # rid -> aborted, while its KV is on the wire
+        # rid -> aborted, from submit to reply: an abort that races with the request's last engine step
+        # (the engine already finished it, loop.abort finds nothing) must still stop the KV shipping
+        self._active: dict[str, bool] = {}
 
     # -- the RPCs --------------------------------------------------------------------------------
     def prefill(self, job: PrefillJob) -> PrefillResult:
@@ -119,6 +121,15 @@ class PrefillWorker:
             raise WorkerError(ErrorKind.INVALID, f"{job.rid}: decode_addr is required")
         transport = job.kv_transport or self.default_transport
         sender = self._sender(transport)  # before computing: an unknown transport costs nothing
+        with self._lock:
+            self._active[job.rid] = False
+        try:
+            return self._prefill(job, sender, transport, received)
+        finally:
+            with self._lock:
+                self._active.pop(job.rid, None)
+
+    def _prefill(self, job: PrefillJob, sender: KVSender, transport: str, received: float) -> PrefillResult:
         handle = self._submit(job)
         try:
             final = handle.wait_finished(self.timeout)
@@ -132,6 +143,11 @@ class PrefillWorker:
             self.metrics.requests.labels("error").inc()
             raise WorkerError(ErrorKind.INTERNAL, f"{job.rid}: {final.error}")
         if final.finish_reason == FinishReason.ABORT.value:
+            self.metrics.requests.labels("aborted").inc()
+            raise WorkerError(ErrorKind.ABORTED, f"{job.rid}: aborted")
+        with self._lock:
+            aborted = self._active.get(job.rid, False)
+        if aborted:  # the abort came while the engine ran the request's last step: ship nothing
             self.metrics.requests.labels("aborted").inc()
             raise WorkerError(ErrorKind.ABORTED, f"{job.rid}: aborted")
         exported: _Exported = final.result
@@ -162,13 +178,14 @@ class PrefillWorker:
 
     def abort(self, rid: str) -> bool:
         with self._lock:
-            if rid in self._shipping:
-                self._shipping[rid] = True  # the transfer finishes; the reply says aborted
-                return True
+            known = rid in self._active
+            if known:
+                self._active[rid] = True  # a transfer under way finishes; the reply says aborted
         try:
-            return self.loop.abort(rid)
+            found = self.loop.abort(rid)
         except EngineStopped:
-            return False
+            found = False
+        return found or known
 
     # -- helpers ---------------------------------------------------------------------------------
     def _submit(self, job: PrefillJob) -> Any:
@@ -206,8 +223,6 @@ class PrefillWorker:
     def _ship(
         self, rid: str, sender: KVSender, transport: str, addr: str, payload: KVPayload
     ) -> tuple[int, float]:
-        with self._lock:
-            self._shipping[rid] = False
         started = time.monotonic()
         try:
             res = sender.send(addr, payload)
@@ -218,7 +233,7 @@ class PrefillWorker:
             ) from None
         finally:
             with self._lock:
-                aborted = self._shipping.pop(rid, False)
+                aborted = self._active.get(rid, False)
         seconds = float(getattr(res, "seconds", time.monotonic() - started))
         nbytes = int(getattr(res, "nbytes", getattr(res, "bytes", payload.nbytes)))
         self.metrics.observe_transfer(transport, nbytes, seconds)

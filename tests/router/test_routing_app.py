@@ -104,7 +104,8 @@ def test_a_failing_worker_is_avoided_on_the_retry_and_a_dead_one_marked_down(
         assert complete(router, failing) == 200  # retried on another worker
         prefills[0].fail_with = None
         assert complete(router, dead_pick) == 200
-        assert nowhere not in [w.addr for w in pool.prefill_workers()]  # marked down
+        # the Health probe that marks a worker down runs in the background: poll for its verdict
+        assert _wait(lambda: nowhere not in [w.addr for w in pool.prefill_workers()])  # marked down
         assert prefills[0].addr in [w.addr for w in pool.prefill_workers()]  # alive: not marked down
         with router.http() as h:
             text = h.get("/metrics").text
