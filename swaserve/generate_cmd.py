@@ -20,7 +20,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from services.engine.chat_template import apply_chat_template
+    from services.common.chat_template import load_chat_template
     from services.engine.engine import Engine, EngineConfig
     from services.engine.model_store import resolve_model
     from services.engine.request import Req
@@ -33,7 +33,9 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         if engine.tokenizer is None:
             raise ValueError(f"{model_dir} has no tokenizer.json; use --prompt-ids")
-        text = apply_chat_template(Path(model_dir), args.prompt) if args.chat else args.prompt
+        text = args.prompt
+        if args.chat:
+            text = load_chat_template(Path(model_dir)).render([{"role": "user", "content": args.prompt}])
         prompt_ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from services.router.chat_template import ChatTemplate, TemplateError
+from services.common.chat_template import ChatTemplate, TemplateError
 from services.router.errors import InvalidRequest
 from services.router.openai_schema import ChatMessage
 

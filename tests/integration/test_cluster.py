@@ -3,12 +3,6 @@ driven with the official openai client and raw HTTP."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,47 +12,16 @@ import pytest
 from services.engine.engine import Engine, EngineConfig
 from services.engine.model_store import resolve_model
 from services.engine.sampling import SamplingParams
+from tests.integration.up_cluster import swaserve_up
 
 MODEL = "mimo-tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("cluster") / "up.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "swaserve", "up", "--model", MODEL, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"swaserve up exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                health = httpx.get(f"{base}/health", timeout=2)
-                if health.status_code == 200 and health.json().get("status") == "ok":
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"cluster not healthy in time:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+    with swaserve_up(log, "--model", MODEL, prefill_workers=1) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -4,58 +4,25 @@ holds its window-safe prefix, which the worker confirms by reporting those token
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from tests.integration.up_cluster import swaserve_up
+
 MODEL = "mimo-tiny"
 PAGE = 16  # the workers' and the router's default page size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
     log = tmp_path_factory.mktemp("routing") / "up.log"
-    argv = [sys.executable, "-m", "swaserve", "up", "--model", MODEL, "--port", str(port),
-            "--prefill", "2", "--decode", "1"]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"swaserve up exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                health = httpx.get(f"{base}/health", timeout=2).json()
-                if health.get("status") == "ok" and health.get("prefill_workers") == 2:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"cluster not healthy in time:\n{log.read_text()[-4000:]}"
-            time.sleep(0.5)
+    with swaserve_up(log, "--model", MODEL, "--prefill", "2", "--decode", "1", prefill_workers=2) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _metric(text: str, name: str) -> float:

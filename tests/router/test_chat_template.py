@@ -1,4 +1,4 @@
-"""The router's chat template renderer matches the engine's, and reports template failures as 400s."""
+"""The chat template renderer matches transformers' apply_chat_template, and template failures are 400s."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.chat_template import render_chat  # jinja only (no torch): the reference
-from services.router.chat_template import ChatTemplate, TemplateError
+from services.common.chat_template import ChatTemplate, TemplateError
 from services.router.errors import InvalidRequest
 from services.router.openai_schema import ChatMessage
 from services.router.tokenization import RouterTokenizer, template_messages
@@ -25,10 +24,14 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_same_text_as_engine(model_dir: Path, messages: list[dict[str, str]]) -> None:
+def test_same_text_as_transformers(model_dir: Path, messages: list[dict[str, str]]) -> None:
+    from transformers import AutoTokenizer  # the independent reference (tests only: the router has no torch)
+
     tok = RouterTokenizer(model_dir)
     assert tok.template is not None
-    assert tok.template.render(messages) == render_chat(model_dir, messages)
+    reference = AutoTokenizer.from_pretrained(str(model_dir))
+    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.template.render(messages) == expected
 
 
 def test_smollm2_prompt_shape(model_dir: Path) -> None:

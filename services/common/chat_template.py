@@ -1,14 +1,15 @@
-"""The router's own chat-template renderer (jinja2, sandboxed), as Hugging Face renders them.
+"""Chat templates (jinja2, sandboxed), rendered as Hugging Face renders them; no torch, no
+transformers, so the router and `swaserve generate` share this one renderer.
 
 The template comes from the model's tokenizer_config.json: `chat_template` is a string, or a list
-of `{"name", "template"}` of which "default" is used. The router does not import the engine's
-renderer: that package brings torch.
+of `{"name", "template"}` of which "default" is used.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -73,3 +74,14 @@ def _token_text(tok: Any) -> str:
     if isinstance(tok, dict):
         return str(tok.get("content", ""))
     return tok if isinstance(tok, str) else ""
+
+
+def load_chat_template(model_dir: Path) -> ChatTemplate:
+    """The chat template of a model directory; a ValueError if it has none."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{model_dir} has no tokenizer_config.json, so no chat template")
+    template = ChatTemplate.from_tokenizer_config(json.loads(cfg_path.read_text()))
+    if template is None:
+        raise ValueError(f"{cfg_path} has no chat_template")
+    return template
