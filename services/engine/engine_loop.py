@@ -264,8 +264,8 @@ class EngineLoop:
                     break
                 if self.engine.has_work():
                     self._step()
+                self._publish_stats()  # before the hooks: they may publish the load (worker_main)
                 self._run_after_step()
-                self._publish_stats()
         finally:
             self._stopping = True
             self._shutdown()

@@ -100,8 +100,22 @@ def attach_kv_events(loop: EngineLoop, redis_url: str, worker_id: str, **kw: Any
         redis_url, worker_id, engine.cfg.page_size, engine.window,
         snapshot_fn=lambda: cache_block_hashes(engine), **kw,
     )  # fmt: skip
-    loop.after_step = lambda e: publisher.publish_buffer(e.events)
+    chain_after_step(loop, lambda e: publisher.publish_buffer(e.events))
     return publisher
+
+
+def chain_after_step(loop: EngineLoop, hook: Callable[[Engine], None]) -> None:
+    """Run `hook` after every loop step, after the hooks already set."""
+    prev = loop.after_step
+    if prev is None:
+        loop.after_step = hook
+        return
+
+    def both(e: Engine) -> None:
+        prev(e)
+        hook(e)
+
+    loop.after_step = both
 
 
 BuildFn = Callable[[EngineLoop, grpc.Server, Any], Built]
@@ -136,6 +150,8 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
             labels={"model_dir": model_dir.name, **built.labels},
         )
         registry.register(record, load_fn=built.load)
+        reg = registry
+        chain_after_step(loop, lambda e: reg.notify())  # fresh loads for the routers (registry.py)
     kv_events = None
     if registry is not None and built.kv_events:  # keyed like the registry: on_leave forgets by it
         kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id)

@@ -1,7 +1,9 @@
 """Workers discovered in the Redis registry (services/common/registry.py), as a `WorkerPool`.
 
 Picking a worker never waits on Redis: a background thread refreshes a snapshot of the live
-records every `refresh_s`. When Redis is unreachable the router keeps routing with the last
+records every `refresh_s`, and a subscriber to the registry's load channel replaces a worker's
+record as soon as the worker publishes a newer one (on load changes, see services/common/registry.py),
+so the loads the router scores are milliseconds old, not a heartbeat old. When Redis is unreachable the router keeps routing with the last
 snapshot it had (logged once, counted in `redis_errors`), and picks up fresh records as soon as
 Redis answers again. A worker whose heartbeat expires disappears at the next refresh, so within
 one registry TTL plus `refresh_s`.
@@ -43,10 +45,13 @@ class RedisWorkerPool:
         self.redis_ok = True
         self.version = 0  # bumped whenever what routable_records() returns may have changed
         self.last_refresh = 0.0
+        self.load_updates = 0
         self._stop = threading.Event()
         self.refresh()
         self._thread = threading.Thread(target=self._loop, name="router-discovery", daemon=True)
         self._thread.start()
+        self._sub_thread = threading.Thread(target=self._follow_loads, name="router-loads", daemon=True)
+        self._sub_thread.start()
 
     # -- WorkerPool ----------------------------------------------------------------------------
     def prefill_workers(self) -> list[WorkerInfo]:
@@ -85,6 +90,8 @@ class RedisWorkerPool:
         self.redis_ok = True
         with self._lock:
             left = {r.worker_id for r in self._records} - {r.worker_id for r in records}
+            newer = {r.worker_id: r for r in self._records}  # a published record may beat the scan
+            records = [_newest(r, newer.get(r.worker_id)) for r in records]
             self._records = records
             live = {r.addr: r.updated_at for r in records}
             self._down = {a: t for a, t in self._down.items() if a in live and live[a] <= t}
@@ -101,9 +108,52 @@ class RedisWorkerPool:
             except Exception:  # noqa: BLE001 - a listener's bug must not stop discovery
                 log.exception("discovery: on_leave(%s) failed", worker_id)
 
+    def apply(self, rec: WorkerRecord) -> bool:
+        """Take a record a worker published, if it is newer than the one held. A worker not in the
+        snapshot waits for the next refresh (its key may be gone: a late publish never revives it)."""
+        if self.model is not None and rec.model != self.model:
+            return False
+        with self._lock:
+            for i, old in enumerate(self._records):
+                if old.worker_id == rec.worker_id and old.role == rec.role:
+                    if rec.updated_at <= old.updated_at:
+                        return False
+                    self._records = [*self._records[:i], rec, *self._records[i + 1:]]
+                    self.version += 1
+                    self.load_updates += 1
+                    return True
+        return False
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=self.refresh_s + 2)
+        self._sub_thread.join(timeout=3)
+
+    def _follow_loads(self) -> None:
+        """Apply every record published on the load channel; reconnect when Redis goes away."""
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.registry.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.registry.channel)
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        rec = WorkerRecord.from_json(msg["data"])
+                    except (ValueError, TypeError) as e:
+                        log.warning("discovery: skipping a malformed load message: %s", e)
+                        continue
+                    self.apply(rec)
+            except redis.RedisError:
+                self._stop.wait(self.refresh_s)  # the refresh loop logs the outage
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except redis.RedisError:
+                        pass
 
     def _loop(self) -> None:
         while not self._stop.wait(self.refresh_s):
@@ -113,3 +163,7 @@ class RedisWorkerPool:
         with self._lock:
             return [WorkerInfo(r.addr, role, r.model) for r in self._records
                     if r.role == role and r.addr not in self._down]
+
+
+def _newest(rec: WorkerRecord, held: WorkerRecord | None) -> WorkerRecord:
+    return held if held is not None and held.updated_at > rec.updated_at else rec

@@ -86,3 +86,34 @@ def test_redis_down_keeps_the_last_snapshot_and_recovers(redis_server):
     finally:
         pool.close()
         reg.close()
+
+
+def test_published_loads_replace_the_snapshot_between_refreshes(redis_server):
+    load = {"running": 1, "queued_tokens": 700}
+    reg = WorkerRegistry(redis_server.url, ttl=30)
+    reg.register(WorkerRecord(role="prefill", addr="p1:1", model="m", capacity_tokens=1000),
+                 load_fn=lambda: dict(load))  # fmt: skip
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=30)  # no refresh inside the test
+    try:
+        assert [r.queued_tokens for r in pool.records("prefill")] == [700]
+        time.sleep(0.2)  # the subscriber is listening
+        load.update(running=0, queued_tokens=0)
+        reg.notify()
+        assert _wait(lambda: [r.queued_tokens for r in pool.records("prefill")] == [0], timeout=2)
+        assert pool.load_updates >= 1
+        held = pool.records("prefill")[0]
+        # an older record (a late publish) and one of another model or an unknown worker are ignored
+        assert not pool.apply(WorkerRecord(**{**held.__dict__, "queued_tokens": 5, "updated_at": 1.0}))
+        assert not pool.apply(WorkerRecord(**{**held.__dict__, "model": "other", "updated_at": 2e9}))
+        assert not pool.apply(WorkerRecord(role="prefill", addr="p9:9", model="m", capacity_tokens=1,
+                                           updated_at=2e9))  # fmt: skip
+        assert [r.addr for r in pool.records("prefill")] == ["p1:1"]
+        reg.redis.publish(reg.channel, b"{not json")  # a malformed message is skipped, loads go on
+        load["queued_tokens"] = 0
+        load["running"] = 0
+        load["waiting"] = 2
+        reg.notify()
+        assert _wait(lambda: [r.waiting for r in pool.records("prefill")] == [2], timeout=2)
+    finally:
+        pool.close()
+        reg.close()
