@@ -159,7 +159,8 @@ class WorkerRegistry:
     def _write(self, load: dict[str, int] | None = None) -> None:
         assert self._record is not None
         load = self._load() if load is None else load
-        rec = replace(self._record, **load, updated_at=time.time())
+        fields_: dict[str, Any] = {**load, "updated_at": time.time()}
+        rec = replace(self._record, **fields_)
         text = rec.to_json()
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(self.key(rec.role, rec.worker_id), text, px=int(self.ttl * 1000))
