@@ -225,6 +225,10 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
             ]  # fmt: skip
             if role == "prefill":
                 argv += ["--kv-transport", args.kv_transport]
+            if role == "decode" and args.decode_reserve_ttl is not None:
+                argv += ["--reserve-ttl", str(args.decode_reserve_ttl)]
+            if role == "decode" and args.decode_pending_ttl is not None:
+                argv += ["--pending-ttl", str(args.decode_pending_ttl)]
             name = f"{role}-{i}"
             children.append(
                 Child(name, argv, run_dir / f"{name}.log", grpc_healthy(f"127.0.0.1:{port}", role))
@@ -313,6 +317,14 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--decode", type=int, default=1, help="decode workers")
     u.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     u.add_argument("--kv-transport", default="grpc", choices=["grpc", "shm", "torch"])
+    u.add_argument(
+        "--decode-reserve-ttl", type=float, default=None,
+        help="seconds a decode reservation waits for its KV (the decode worker's default: 30)",
+    )  # fmt: skip
+    u.add_argument(
+        "--decode-pending-ttl", type=float, default=None,
+        help="seconds KV that landed on a decode worker waits for its Decode (default: 60)",
+    )  # fmt: skip
     u.add_argument(
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for all to be healthy"
     )

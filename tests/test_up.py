@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from services.common.netutil import free_port, port_open
-from swaserve.up import _PDEATHSIG_SHIM, Child, Supervisor
+from swaserve.cli import build_parser
+from swaserve.up import _PDEATHSIG_SHIM, Child, Supervisor, build_children
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,20 @@ def wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_decode_ttls_reach_the_decode_workers_only(tmp_path):
+    def argvs(*flags: str) -> dict[str, list[str]]:
+        args = build_parser().parse_args(["up", "--prefill", "1", "--decode", "2", *flags])
+        return {c.name: c.argv for c in build_children(args, "redis://127.0.0.1:1", tmp_path)}
+
+    default = argvs()
+    assert not any("--reserve-ttl" in a or "--pending-ttl" in a for a in default.values())
+    set_ = argvs("--decode-reserve-ttl", "7", "--decode-pending-ttl", "9.5")
+    for name in ("decode-0", "decode-1"):
+        a = set_[name]
+        assert a[a.index("--reserve-ttl") + 1] == "7.0" and a[a.index("--pending-ttl") + 1] == "9.5"
+    assert "--reserve-ttl" not in set_["prefill-0"] and "--pending-ttl" not in set_["router"]
 
 
 def test_a_crashing_child_is_restarted_with_a_doubling_backoff(tmp_path):

@@ -28,8 +28,10 @@ across processes, machines and Python versions.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import struct
+import sys
 from collections.abc import Sequence
 from typing import NewType
 
@@ -84,13 +86,39 @@ def hash_blocks(
     num_full = len(tokens) // page_size
     if extras is not None and len(extras) > -(-len(tokens) // page_size):
         raise ValueError(f"{len(extras)} extras for {len(tokens)} tokens of page size {page_size}")
+    packed = _pack_tokens(tokens[: num_full * page_size])  # one pass; pages are slices of it
+    base = hashlib.blake2b(_BLOCK_TAG, digest_size=HASH_BYTES)
+    count = page_size.to_bytes(4, "big")
+    step = 4 * page_size
     out: list[BlockHash] = []
     h = parent
     for i in range(num_full):
+        d = base.copy()
+        d.update(h.to_bytes(HASH_BYTES, "big"))
+        d.update(count)
+        d.update(packed[i * step : (i + 1) * step])
         extra = extras[i] if extras is not None and i < len(extras) else None
-        h = hash_block(h, tokens[i * page_size : (i + 1) * page_size], extra)
+        if extra is None:
+            d.update(b"\x00")
+        else:
+            d.update(b"\x01" + len(extra).to_bytes(4, "big"))
+            d.update(extra)
+        h = BlockHash(int.from_bytes(d.digest(), "big"))
         out.append(h)
     return out
+
+
+def _pack_tokens(tokens: Sequence[int]) -> memoryview:
+    """Token ids as unsigned 32-bit big-endian, the encoding `hash_block` feeds."""
+    try:
+        arr = array.array("I", tokens)
+    except (OverflowError, TypeError) as e:
+        raise ValueError(f"token ids must be ints in [0, {_MAX_TOKEN}]") from e
+    if arr.itemsize != 4:  # pragma: no cover - no such platform in use; keep the encoding exact
+        return memoryview(struct.pack(f">{len(tokens)}I", *tokens))
+    if sys.byteorder == "little":
+        arr.byteswap()
+    return memoryview(arr).cast("B")
 
 
 def hash_item(data: bytes) -> ItemHash:

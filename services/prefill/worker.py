@@ -9,6 +9,11 @@ When the first token already ends the request (eos, stop token, stop string, max
 model's context), no KV is shipped: the result carries the finish reason and the router does not
 call Decode (kv_bytes == 0 tells it nothing landed).
 
+An abort that arrives while the KV is on its way (the router cancelled, or died and its RPC
+dropped) cannot stop the bytes, so once they landed the worker tells the decode worker to drop
+them (DecodeWorker.Abort, in the background): the decode worker frees them at once instead of
+holding them until its --pending-ttl.
+
 The engine runs in an EngineLoop thread; this class is called from the gRPC handler threads and
 does the (blocking) KV transfer on the caller's thread, so the engine keeps stepping meanwhile.
 """
@@ -39,6 +44,24 @@ class KVSender(Protocol):
 
 
 SenderFactory = Callable[[str], KVSender]
+DecodeRelease = Callable[[str, str], None]  # (decode_addr, rid): drop KV that landed for nobody
+
+
+def abort_at_decode(decode_addr: str, rid: str) -> None:
+    """DecodeWorker.Abort(rid) at decode_addr; best effort (the decode's TTL is the backstop)."""
+    import grpc
+
+    from services.proto_gen import worker_pb2, worker_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(decode_addr) as channel:
+            reply = worker_pb2_grpc.DecodeWorkerStub(channel).Abort(
+                worker_pb2.AbortRequest(rid=rid), timeout=5.0
+            )
+        log.info("prefill %s: aborted after its KV landed; decode %s dropped it: %s", rid, decode_addr,
+                 reply.found)  # fmt: skip
+    except grpc.RpcError as e:
+        log.warning("prefill %s: could not tell decode %s to drop its KV: %s", rid, decode_addr, e.code())
 
 
 def default_sender_factory(transport: str) -> KVSender:
@@ -100,8 +123,10 @@ class PrefillWorker:
         sender_factory: SenderFactory = default_sender_factory,
         metrics: PrefillMetrics | None = None,
         timeout: float = 600.0,
+        release_at_decode: DecodeRelease = abort_at_decode,
     ) -> None:
         self.loop = loop
+        self.release_at_decode = release_at_decode
         self.model = model
         self.default_transport = default_transport
         self.sender_factory = sender_factory
@@ -239,6 +264,9 @@ class PrefillWorker:
         self.metrics.observe_transfer(transport, nbytes, seconds)
         if aborted:
             self.metrics.requests.labels("aborted").inc()
+            threading.Thread(
+                target=self.release_at_decode, args=(addr, rid), name=f"release-{rid}", daemon=True
+            ).start()
             raise WorkerError(ErrorKind.ABORTED, f"{rid}: aborted during the KV transfer")
         return nbytes, seconds
 

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import random
 import subprocess
 import sys
 
@@ -93,6 +94,24 @@ def test_hash_blocks_extras_and_continuation() -> None:
 def test_token_ids_out_of_range_raise(bad: list[int]) -> None:
     with pytest.raises(ValueError):
         hash_block(ROOT_HASH, bad)
+    with pytest.raises(ValueError):
+        hash_blocks(bad, 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hash_blocks_is_the_documented_chain_on_random_input(seed: int) -> None:
+    rng = random.Random(seed)
+    page = rng.choice([1, 3, 16, 64])
+    tokens = [rng.choice([0, 2**32 - 1, rng.randrange(2**32)]) for _ in range(rng.randrange(0, 700))]
+    pages = -(-len(tokens) // page)
+    extras = [rng.choice([None, b"", rng.randbytes(rng.randrange(1, 40))]) for _ in range(pages)]
+    parent = rng.choice([0, rng.randrange(2**128)])
+    h = parent
+    want = []
+    for i in range(len(tokens) // page):
+        h = reference_hash(h, tokens[i * page : (i + 1) * page], extras[i])
+        want.append(h)
+    assert hash_blocks(tokens, page, extras, parent=BlockHash(parent)) == want
 
 
 def test_item_extras() -> None:

@@ -276,3 +276,56 @@ def test_a_stop_string_ends_the_stream_where_the_engine_sees_it():
     finally:
         pre.stop()
         dec.stop()
+
+
+class _HeldSender:
+    """The real gRPC KV sender, held at the door until the test lets it go."""
+
+    def __init__(self) -> None:
+        from services.common.kv_transport import make_sender
+
+        self.inner = make_sender("grpc")
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def send(self, addr, payload):
+        self.entered.set()
+        assert self.go.wait(30)
+        return self.inner.send(addr, payload)
+
+
+def test_kv_that_lands_after_an_abort_is_dropped_at_once_not_after_the_ttl(mimo):
+    held = _HeldSender()
+    pre = serve_prefill(mimo, sender_factory=lambda transport: held)
+    dec = serve_decode(mimo, pending_ttl=60.0, reserve_ttl=60.0)
+    errors: list[grpc.RpcError] = []
+    try:
+        prompt = prompts(mimo)["short"]
+        assert decode_stub(dec).Reserve(worker_pb2.ReserveRequest(rid="late", prompt_len=20, max_tokens=8)).ok
+
+        def run() -> None:
+            try:
+                prefill_stub(pre).Prefill(
+                    worker_pb2.PrefillRequest(rid="late", prompt_ids=prompt, sampling=sampling(max_tokens=8),
+                                              decode_addr=dec.addr),
+                    timeout=30,
+                )  # fmt: skip
+            except grpc.RpcError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        assert held.entered.wait(30)  # computed, the KV about to leave
+        assert prefill_stub(pre).Abort(worker_pb2.AbortRequest(rid="late")).found
+        held.go.set()  # the bytes land anyway
+        t.join(30)
+        assert [e.code() for e in errors] == [grpc.StatusCode.CANCELLED]
+        # the prefill worker told the decode worker: KV and reservation freed in seconds, not 60 s
+        assert wait_for(
+            lambda: dec.worker.pending_count() == 0 and dec.worker.reserved_tokens() == 0, timeout=5
+        )
+        assert dec.loop.engine.full_pool.num_used == 0
+    finally:
+        held.go.set()
+        pre.stop()
+        dec.stop()

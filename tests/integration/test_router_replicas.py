@@ -14,9 +14,10 @@ Replica A is the router of `swaserve up --redis-url R --prefill 2 --decode 1`; r
   policy "retry on the other replica if no token arrived yet" every request completes, except the
   ones that had already streamed from A, which end with an error; B's own streams are untouched.
   Afterwards nothing is held on the workers: the decode worker's free KV (Health RPC) returns to its
-  value before the run once the dead router's reservations expire (decode --reserve-ttl, 30 s;
-  KV that had already landed waits --pending-ttl, 60 s; `swaserve up` passes neither). The 60 s
-  case is the common one today: a Prefill cancelled during its last engine step still ships its KV.
+  value before the run. A Prefill the dead router's dropped RPC cancelled while its KV was on the way
+  makes the prefill worker tell the decode worker to drop that KV at once; what is left (reservations
+  whose Prefill never started, KV whose Decode never came) expires after the TTLs this test gives
+  `swaserve up` (--decode-reserve-ttl / --decode-pending-ttl, 15 s here, 30 s / 60 s by default).
 
 `swaserve up` restarts the killed router on its port after a second; nothing here uses it again.
 """
@@ -48,7 +49,7 @@ from services.proto_gen import worker_pb2, worker_pb2_grpc
 
 MODEL = "mimo-tiny"
 PAGE = 16  # the workers' and the routers' default page size
-RESERVE_TTL, PENDING_TTL = 30.0, 60.0  # services/decode/main.py defaults
+RESERVE_TTL, PENDING_TTL = 15.0, 15.0  # passed to swaserve up (the decode worker's defaults: 30, 60)
 
 
 def _wait_for(
@@ -123,7 +124,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         port_a, port_b = free_port(), free_port()
         up_argv = [sys.executable, "-m", "swaserve", "up", "--model", MODEL, "--port", str(port_a),
-                   "--redis-url", redis.url, "--prefill", "2", "--decode", "1", "--run-dir", str(logs)]  # fmt: skip
+                   "--redis-url", redis.url, "--prefill", "2", "--decode", "1", "--run-dir", str(logs),
+                   "--decode-reserve-ttl", str(RESERVE_TTL), "--decode-pending-ttl", str(PENDING_TTL)]  # fmt: skip
         b_argv = [sys.executable, "-m", "services.router.main", "--port", str(port_b), "--model", MODEL,
                   "--redis-url", redis.url]  # fmt: skip
         for argv, log in ((up_argv, logs / "up.out"), (b_argv, logs / "router-b.log")):
