@@ -13,9 +13,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from services.engine.sampling import SamplingParams
+if TYPE_CHECKING:  # the bookkeeping (scheduler, bench's simulated workers) imports no torch
+    from services.engine.sampling import SamplingParams
 
 
 class ReqStatus(enum.Enum):

@@ -108,7 +108,12 @@ class RoutingPipeline:
         hashes = tuple(hash_blocks(prompt_ids, ps))
         full = len(hashes) * ps
         tail = hash_block(hashes[-1] if hashes else ROOT_HASH, prompt_ids[full:], b"route-key")
-        return Prompt(prompt_ids, hashes, tail.to_bytes(16, "big"))
+        # A worker always computes the prompt's last token, so it resumes at most at page
+        # floor((n - 1) / P): a page-aligned prompt's last page is never a usable hit (and its
+        # window-safety is judged one page earlier). Matching it would credit a worker with a
+        # whole prompt it recomputes (an exact repeat whose SWA tail starts at n - W).
+        usable = hashes[: (len(prompt_ids) - 1) // ps] if prompt_ids else ()
+        return Prompt(prompt_ids, usable, tail.to_bytes(16, "big"))
 
     def decide(
         self,

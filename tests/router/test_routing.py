@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import redis
 
+from services.common.block_hash import hash_blocks
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.router.discovery import RedisWorkerPool
@@ -72,13 +73,19 @@ def test_a_window_safe_hit_decides_and_sets_the_uncached_estimate(source: FakeIn
     assert (m["p2"].raw_blocks, m["p2"].safe_blocks) == (10, 5)
 
 
-def test_full_prompt_in_cache_still_computes_one_token(source: FakeIndexSource) -> None:
+def test_a_fully_cached_prompt_resumes_where_the_worker_can(source: FakeIndexSource) -> None:
+    """The worker computes the last prompt token, so it resumes at page floor((n - 1) / P): a
+    page-aligned prompt's last page is never credited (the engine recomputes it), a partial last
+    page is computed anyway."""
     p = pipeline(source)
-    ids = prompt(4 * PAGE)
-    source.index.store("p0", p.prepare(ids).block_hashes)
-    d = p.decide(ids, PREFILL, DECODE)
-    assert (d.prefill.worker_id, d.safe_match_tokens, d.uncached_tokens) == ("p0", 4 * PAGE, 1)
-    assert d.safe_match_fraction == 1.0 and d.raw_match_fraction == 1.0
+    aligned = prompt(4 * PAGE)
+    source.index.store("p0", hash_blocks(aligned, PAGE))  # all 4 pages, SWA everywhere
+    d = p.decide(aligned, PREFILL, DECODE)
+    assert (d.prefill.worker_id, d.safe_match_tokens, d.uncached_tokens) == ("p0", 3 * PAGE, PAGE)
+    assert d.safe_match_fraction == 0.75 and d.raw_match_fraction == 0.75
+    longer = aligned + [7] * 5
+    d = p.decide(longer, PREFILL, DECODE)
+    assert (d.prefill.worker_id, d.safe_match_tokens, d.uncached_tokens) == ("p0", 4 * PAGE, 5)
 
 
 @pytest.mark.parametrize(
@@ -298,7 +305,7 @@ def test_redis_down_routes_by_load_from_the_last_snapshot_and_recovers(redis_ser
     try:
         assert _wait(lambda: len(pool.routable_records("prefill")) == 2)
         up = decide()
-        assert (up.prefill.addr, up.reason, up.uncached_tokens) == ("holder:1", "cache_hit", 1)
+        assert (up.prefill.addr, up.reason, up.uncached_tokens) == ("holder:1", "cache_hit", PAGE)
         redis_server.stop()
         assert _wait(lambda: not pool.redis_ok)
         down = decide()  # load only, from the last registry snapshot: the idle worker
