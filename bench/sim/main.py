@@ -4,8 +4,7 @@ Same APIs as the real workers (gRPC prefill / decode, registered in Redis; or, r
 HTTP API sglang-router and vllm-router expect), the engine's real scheduler, radix cache and KV
 pools as bookkeeping, and time from a cost model of MiMo-V2-Flash on 8 x H200 (bench/sim/
 cost_model.py). `--count N` hosts N independent workers in this process, on ports P, P+1, ...
-(P = --port, or --http-port for `both`; 0: any free ports). Until `swaserve sim-worker` is wired,
-run `python -m bench.sim.main`.
+(P = --port, or --http-port for `both`; 0: any free ports). Also `python -m bench.sim.main`.
 """
 
 from __future__ import annotations
