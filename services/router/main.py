@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     index = index_follower(args, policy)
     app = create_app(settings, worker_pool(args, args.model, index), index=index)
     uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5
-    )
+        app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
+        loop="uvloop", http="httptools",  # libuv loop and the C HTTP parser: ~1/3 less overhead a request
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
