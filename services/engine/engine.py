@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 from services.common.kv_payload import KVPayload
+from services.engine.host_store import HostKVStore
 from services.engine.kv.events import EventBuffer
+from services.engine.kv.host_tier import HostTier
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.kv.req_pages import ReqPages
@@ -46,6 +48,8 @@ class EngineConfig:
     max_running: int = 32
     queue_policy: str = "fcfs"
     enable_prefix_cache: bool = True
+    host_kv_tokens: int = 0  # L2: full-attention tokens the host tier holds (0: no L2)
+    host_swa_pages: int | None = None  # L2 SWA pages for cached tails (default: as many as full pages)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -60,7 +64,10 @@ class EngineConfig:
 def kv_specs(model_cfg: Any) -> list[LayerKVSpec]:
     return [
         LayerKVSpec(
-            kind="full" if g.window is None else "swa", kv_heads=g.kv_heads, k_dim=g.k_head_dim, v_dim=g.v_head_dim
+            kind="full" if g.window is None else "swa",
+            kv_heads=g.kv_heads,
+            k_dim=g.k_head_dim,
+            v_dim=g.v_head_dim,
         )
         for g in model_cfg.kv_geometries
     ]
@@ -96,9 +103,17 @@ class Engine:
             max_running=cfg.max_running,
             enable_prefix_cache=cfg.enable_prefix_cache,
         )
+        self.host: HostTier | None = None
+        self.host_store: HostKVStore | None = None
+        if cfg.host_kv_tokens > 0 and cfg.enable_prefix_cache:
+            host_full = cfg.host_kv_tokens // p
+            host_swa = cfg.host_swa_pages if cfg.host_swa_pages is not None else host_full
+            self.host = HostTier(host_full, host_swa, p, self.window)
+            self.host_store = HostKVStore(kv_specs(model_cfg), host_full, host_swa, p, DTYPES[cfg.dtype])
         self.scheduler = Scheduler(
-            sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy)
-        )
+            sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy),
+            host=self.host,
+        )  # fmt: skip
         self.runner = ModelRunner(model, self.store, cfg.device)
         self.sampler = Sampler(cfg.seed)
         self.eos_ids = frozenset(model_cfg.eos_token_ids)
@@ -177,7 +192,9 @@ class Engine:
         req.output_ids.append(first.token_id)
         req.output_logprobs.append(first.logprob)
         self.sampler.skip(req.rid, params, int(self.model_cfg.vocab_size))
-        check_finish(req, self.eos_ids, self.max_context, self.decode_ids if self.tokenizer is not None else None)
+        check_finish(
+            req, self.eos_ids, self.max_context, self.decode_ids if self.tokenizer is not None else None
+        )
         if req.finished:
             pages.release_all()
             req.pages = None
@@ -191,6 +208,7 @@ class Engine:
         req.finish(FinishReason.ABORT)
         self.scheduler.finish(req)
         self.sampler.forget(req.rid)
+        self._run_spills()
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -201,9 +219,12 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._run_restores(batch)
         logits = self.runner.forward(batch)
         sampling = [st for st in batch if st.samples]
-        picked = self.sampler.sample(logits, [st.req.rid for st in sampling], [st.req.params for st in sampling])
+        picked = self.sampler.sample(
+            logits, [st.req.rid for st in sampling], [st.req.params for st in sampling]
+        )
         for st in batch:
             self.scheduler.commit(st)
         decode = self.decode_ids if self.tokenizer is not None else None
@@ -219,14 +240,42 @@ class Engine:
                     self.finish_hook(req)
                 self.scheduler.finish(req)
                 self.sampler.forget(req.rid)
+        self._run_spills()
         return [st.req for st in sampling]
+
+    def _run_restores(self, batch: list[Any]) -> None:
+        """L2 -> L1 for the requests just admitted with a host hit (before they are read)."""
+        for st in batch:
+            job = st.req.restore
+            if job is None:
+                continue
+            assert self.host_store is not None
+            self.host_store.load(self.store, "full", job.full_host, job.full_device)
+            self.host_store.load(self.store, "swa", job.swa_host, job.swa_device)
+            st.req.restore = None
+
+    def _run_spills(self) -> None:
+        """L1 -> L2 write-through of what the radix cache took this step (in order: a host page
+        claimed twice holds the later copy, as its key says)."""
+        jobs, self.scheduler.spills = self.scheduler.spills, []
+        if not jobs or self.host_store is None:
+            return
+        for kind in ("full", "swa"):
+            last: dict[int, int] = {}  # host page -> device page, the later job wins
+            for job in jobs:
+                if job.kind == kind:
+                    last.update(zip(job.host, job.device, strict=True))
+            if last:
+                self.host_store.save(self.store, kind, list(last.values()), list(last.keys()))
 
     def run(self) -> None:
         while self.has_work():
             if not self.step() and not self.scheduler.running and self.scheduler.waiting:
                 raise RuntimeError("no request could be scheduled: the KV pools are too small")
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]) -> list[Req]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Req]:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
         self.run()

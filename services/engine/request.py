@@ -47,9 +47,12 @@ class Req:
     num_preemptions: int = 0
     first_token_time: float | None = None
     prompt_tail_cached: bool = False  # the prompt's page-aligned prefix is in the radix cache
-    # engine-owned handles (page table, radix lock); opaque here
+    cached_l2: int = 0  # of cached_len, tokens restored from the host tier (L2) rather than L1
+    # engine-owned handles (page table, radix lock, L2 restore to run before the forward); opaque here
     pages: Any = None
     cache_node: Any = None
+    restore: Any = None
+    page_hashes: list[int] = field(default_factory=list)  # block hashes of all_ids' full pages, so far
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

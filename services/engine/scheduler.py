@@ -7,6 +7,10 @@ Each step builds one batch of (request, end) pairs, packed into a single forward
      the running limit and the pools allow. Admission matches the prompt against the radix cache
      (window-safe: only prefixes whose SWA tail is present count), adopts those pages and locks
      the node, and requires free-or-evictable full pages for the whole uncached prompt.
+With a host tier (L2, kv/host_tier.py), admission extends the L1 match with pages restored from
+host memory (full pages plus the SWA tail at the restored end: window-safe), and every prefix the
+radix cache takes is also written through to L2. The copies themselves are jobs the engine runs:
+`RestoreJob`s on the request before the forward, `SpillJob`s in `spills` after the step.
 When a step cannot get pages, the radix cache is evicted first (SWA tombstones before whole
 nodes); if that is not enough the most recently admitted running request is preempted: its pages
 are released and it goes back to the front of the queue to be recomputed (its output so far is
@@ -21,9 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.block_hash import ROOT_HASH, BlockHash, hash_blocks
+from services.engine.kv.host_tier import HostHit, HostTier, RestoreJob, SpillJob
 from services.engine.kv.page_pool import OutOfPages, PagePool
-from services.engine.kv.radix_cache import RadixCache
-from services.engine.kv.req_pages import ReqPages, StepSlots, align_down
+from services.engine.kv.radix_cache import MatchResult, RadixCache
+from services.engine.kv.req_pages import ReqPages, StepSlots, align_down, swa_keep_start
 from services.engine.queue_policy import QueuePolicy
 from services.engine.request import Req, ReqStatus
 
@@ -67,9 +73,12 @@ class Scheduler:
         cache: RadixCache,
         policy: QueuePolicy,
         clock: Callable[[], float] = time.monotonic,
+        host: HostTier | None = None,
     ) -> None:
         self.cfg = cfg
         self.full_pool, self.swa_pool, self.cache = full_pool, swa_pool, cache
+        self.host = host if cfg.enable_prefix_cache else None
+        self.spills: list[SpillJob] = []  # write-through copies the engine runs after the step
         self.policy = policy
         self.clock = clock
         self.waiting: list[Req] = []
@@ -137,16 +146,72 @@ class Scheduler:
         if need_full > self.full_pool.num_free + self.cache.evictable_full_pages():
             return False
         if match is not None and cached:
-            pages.adopt_prefix(cached, match.full_pages, match.swa_pages)
-            self.cache.lock(match.node)
+            self.cache.lock(match.node)  # before anything below may evict
             req.cache_node = match.node
+        restored = 0
+        if match is not None and self.host is not None:
+            restored = self._restore(req, pages, match, cached)
+        if restored == 0 and match is not None and cached:
+            pages.adopt_prefix(cached, match.full_pages, match.swa_pages)
         req.pages = pages
+        req.cached_l2 = restored
+        cached += restored
         req.cached_len = req.computed_len = cached
         req.status = ReqStatus.RUNNING
         self.waiting.remove(req)
         self.running.append(req)
         req.check()
         return True
+
+    def _restore(self, req: Req, pages: ReqPages, match: MatchResult, cached: int) -> int:
+        """Extend the L1 prefix from L2 if it has more; returns the tokens restored (0: none)."""
+        assert self.host is not None
+        p = self.cfg.page_size
+        hashes = self._page_hashes(req, req.seq_len - 1)  # the last token is always computed
+        hit: HostHit | None = self.host.lookup(hashes, cached // p)
+        if hit is None:
+            return 0
+        for attempt in range(2):
+            try:
+                new_full, new_swa = pages.restore_prefix(cached, match.full_pages[: cached // p], hit.end * p)
+                break
+            except OutOfPages:
+                if attempt or not self._evict(hit.end - cached // p, hit.end - hit.tail_first):
+                    return 0
+        req.restore = RestoreJob(hit.full, tuple(new_full), hit.tail, tuple(new_swa))
+        self.host.use(hashes, hit)
+        return hit.end * p - cached
+
+    def _page_hashes(self, req: Req, num_tokens: int) -> list[BlockHash]:
+        """Block hashes of req's full pages within [0, num_tokens), extending req.page_hashes."""
+        p = self.cfg.page_size
+        have = req.page_hashes
+        want = num_tokens // p
+        if len(have) < want:
+            parent = BlockHash(have[-1]) if have else ROOT_HASH
+            have += hash_blocks(req.all_ids[len(have) * p : want * p], p, parent=parent)
+        return [BlockHash(h) for h in have[:want]]
+
+    def _write_down(self, req: Req, length: int, full: list[int], swa: list[int | None]) -> None:
+        """Write-through of a prefix the radix cache just took: new full pages, and its SWA tail."""
+        assert self.host is not None
+        p = self.cfg.page_size
+        n = length // p
+        hashes = self._page_hashes(req, length)
+        dev: list[int] = []
+        host: list[int] = []
+        for i in range(n):
+            hp = self.host.store_full(hashes[i])
+            if hp is not None:
+                dev.append(full[i])
+                host.append(hp)
+        if dev:
+            self.spills.append(SpillJob("full", tuple(dev), tuple(host)))
+        tail = swa[swa_keep_start(length, p, self.cfg.window) // p : n]
+        if tail and all(pg is not None for pg in tail):
+            hps = self.host.store_tail(hashes[n - 1], len(tail))
+            if hps is not None:
+                self.spills.append(SpillJob("swa", tuple(pg for pg in tail if pg is not None), hps))
 
     def _plan(self, req: Req, end: int, batch: list[ScheduledStep]) -> StepSlots | None:
         """Pages for req's step to `end`, evicting and then preempting as needed.
@@ -183,7 +248,8 @@ class Scheduler:
                 del batch[i]
                 break
         self._release(req)
-        req.cached_len = req.computed_len = 0
+        req.cached_len = req.computed_len = req.cached_l2 = 0
+        req.restore = None
         req.status = ReqStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -219,6 +285,8 @@ class Scheduler:
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)
         req.cache_node = result.node
+        if self.host is not None:
+            self._write_down(req, length, full, swa)
 
     def _release(self, req: Req) -> None:
         if req.cache_node is not None:

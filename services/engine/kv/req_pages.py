@@ -95,6 +95,29 @@ class ReqPages:
         self.swa_pool.incref(list(self.swa.values()))
         self.kv_len = length
 
+    def restore_prefix(self, l1_len: int, l1_full: list[int], end: int) -> tuple[list[int], list[int]]:
+        """Start with the cached L1 prefix [0, l1_len) (full pages only: its window is not needed)
+        and fresh pages for [l1_len, end) restored from a lower tier: full pages for those
+        positions and SWA pages for the window before `end`. Returns (new full pages, new SWA pages
+        for logical pages swa_keep_start(end)/P ..). Raises OutOfPages having changed nothing."""
+        p = self.page_size
+        if self.kv_len or self.full:
+            raise RuntimeError("restore_prefix on a table that already holds pages")
+        if l1_len % p or end % p or not l1_len < end or len(l1_full) != l1_len // p:
+            raise ValueError("restored prefix must be page-aligned and extend the L1 prefix")
+        first = swa_keep_start(end, p, self.window) // p
+        new_full = self.full_pool.alloc(end // p - l1_len // p)
+        try:
+            new_swa = self.swa_pool.alloc(end // p - first)
+        except OutOfPages:
+            self.full_pool.decref(new_full)
+            raise
+        self.full_pool.incref(l1_full)
+        self.full = list(l1_full) + new_full
+        self.swa = dict(zip(range(first, end // p), new_swa, strict=True))
+        self.kv_len = end
+        return new_full, new_swa
+
     # -- KV that arrives from elsewhere (a prefill worker) -----------------------------------------
     def install(self, length: int) -> tuple[list[int], list[int]]:
         """Allocate for KV of [0, length) computed elsewhere; returns (full slots for [0, length),
@@ -135,7 +158,9 @@ class ReqPages:
         # new token before gathering its context; a chunk's backend reads every layer before writing
         still_read = max(0, start - w) // p if end - start == 1 else 0
         reusable = [
-            i for i in dropped if self.swa_pool.refcount(self.swa[i]) == 1 and (end - start > 1 or i < still_read)
+            i
+            for i in dropped
+            if self.swa_pool.refcount(self.swa[i]) == 1 and (end - start > 1 or i < still_read)
         ][: len(needed)]
         n_full = max(0, last + 1 - len(self.full))
         n_swa = len(needed) - len(reusable)

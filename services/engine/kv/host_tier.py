@@ -1,0 +1,182 @@
+"""L2, the host-memory tier of the KV cache: which block hashes have which host pages (ids only).
+
+Window-safe, like the radix cache. Two kinds of entries:
+
+    full block   key: the chained block hash of a page      value: one host full page
+    SWA tail     key: the block hash of the page a prefix    value: the host SWA pages of the window
+                 ends at (its end e is page-aligned)                before e, pages [keep(e)/P, e/P)
+
+with keep(e) = swa_keep_start(e) (req_pages.py): at most ceil(W/P) pages, whatever the length. A
+prefix of L pages can be restored from here iff every full page it needs is here and the tail at
+L is here; no sequence's whole SWA history is ever stored.
+
+    pages       0   1   2   3   4   5   6   7
+    full        [h0][h1][h2][h3][h4][h5][h6][h7]        every page of every prefix written down
+    SWA tails                       [t@6 ....]  [t@8 ...]  only at the ends that were written
+
+Eviction is segmented LRU per kind: an entry starts on probation and moves to the protected
+segment when a lookup uses it; probation is evicted first. One-shot prefixes (a scan of new
+conversations) therefore cannot push out a hot one (a shared system prompt, a long conversation's
+turns). Host pages come from two PagePools; services/engine/host_store.py holds the bytes.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.block_hash import BlockHash
+from services.engine.kv.page_pool import PagePool
+from services.engine.kv.req_pages import swa_keep_start
+
+
+@dataclass(frozen=True)
+class HostHit:
+    """Pages [start, end) restorable from L2: host full pages for each, and the tail at `end`."""
+
+    start: int  # in pages
+    end: int  # in pages, > start
+    full: tuple[int, ...]  # host full page of pages start .. end-1
+    tail: tuple[int, ...]  # host SWA pages of the window before end, oldest first
+    tail_first: int  # logical page index of tail[0] (= swa_keep_start(end * P) / P)
+
+
+class _Segments:
+    """Segmented LRU of one kind: key -> host pages (a tuple). Probation first out."""
+
+    def __init__(self) -> None:
+        self.probation: OrderedDict[BlockHash, tuple[int, ...]] = OrderedDict()
+        self.protected: OrderedDict[BlockHash, tuple[int, ...]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.probation) + len(self.protected)
+
+    def get(self, key: BlockHash) -> tuple[int, ...] | None:
+        v = self.protected.get(key)
+        return v if v is not None else self.probation.get(key)
+
+    def put(self, key: BlockHash, pages: tuple[int, ...]) -> None:
+        self.probation[key] = pages
+
+    def promote(self, key: BlockHash) -> None:
+        if key in self.protected:
+            self.protected.move_to_end(key)
+        elif key in self.probation:
+            self.protected[key] = self.probation.pop(key)
+
+    def pop_victim(self) -> tuple[int, ...] | None:
+        for seg in (self.probation, self.protected):
+            if seg:
+                return seg.popitem(last=False)[1]
+        return None
+
+
+class HostTier:
+    def __init__(self, full_pages: int, swa_pages: int, page_size: int, window: int) -> None:
+        self.page_size = page_size
+        self.window = window
+        self.full_pool = PagePool(full_pages, page_size, "host-full")
+        self.swa_pool = PagePool(swa_pages, page_size, "host-swa")
+        self._full = _Segments()
+        self._tails = _Segments()
+        self.evicted_full = 0
+        self.evicted_tails = 0
+
+    # -- reads ---------------------------------------------------------------------------------
+    def tail_pages(self, end: int) -> int:
+        """SWA pages a tail at page `end` holds."""
+        p = self.page_size
+        return end - swa_keep_start(end * p, p, self.window) // p
+
+    def has_full(self, key: BlockHash) -> bool:
+        return self._full.get(key) is not None
+
+    def has_tail(self, key: BlockHash) -> bool:
+        return self._tails.get(key) is not None
+
+    def lookup(self, hashes: Sequence[BlockHash], start: int) -> HostHit | None:
+        """The longest restorable run of pages from `start` (hashes[i] = page i's block hash), or None.
+        Does not change the LRU order: `use()` does, once the hit is taken."""
+        full: list[int] = []
+        best: HostHit | None = None
+        for i in range(start, len(hashes)):
+            page = self._full.get(hashes[i])
+            if page is None:
+                break
+            full.append(page[0])
+            tail = self._tails.get(hashes[i])
+            if tail is not None:
+                end = i + 1
+                best = HostHit(start, end, tuple(full), tail, end - len(tail))
+        return best
+
+    def use(self, hashes: Sequence[BlockHash], hit: HostHit) -> None:
+        """A hit was restored: its entries move to (the young end of) the protected segment."""
+        for i in range(hit.start, hit.end):
+            self._full.promote(hashes[i])
+        self._tails.promote(hashes[hit.end - 1])
+
+    # -- writes --------------------------------------------------------------------------------
+    def store_full(self, key: BlockHash) -> int | None:
+        """A host page for a new full block (evicting as needed), or None if it is here already or
+        nothing can be evicted."""
+        if self._full.get(key) is not None:
+            return None
+        pages = self._alloc(self.full_pool, self._full, 1)
+        if pages is None:
+            return None
+        self._full.put(key, pages)
+        return pages[0]
+
+    def store_tail(self, key: BlockHash, n: int) -> tuple[int, ...] | None:
+        """Host SWA pages for a new tail of n pages, or None (here already / no room)."""
+        if self._tails.get(key) is not None or n > self.swa_pool.num_pages:
+            return None
+        pages = self._alloc(self.swa_pool, self._tails, n)
+        if pages is None:
+            return None
+        self._tails.put(key, pages)
+        return pages
+
+    def _alloc(self, pool: PagePool, seg: _Segments, n: int) -> tuple[int, ...] | None:
+        while pool.num_free < n:
+            victim = seg.pop_victim()
+            if victim is None:
+                return None
+            pool.decref(victim)
+            if seg is self._full:
+                self.evicted_full += 1
+            else:
+                self.evicted_tails += 1
+        return tuple(pool.alloc(n))
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_full_blocks(self) -> int:
+        return len(self._full)
+
+    @property
+    def num_tails(self) -> int:
+        return len(self._tails)
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """Copy host pages into a request's fresh device pages before its first forward."""
+
+    full_host: tuple[int, ...]
+    full_device: tuple[int, ...]
+    swa_host: tuple[int, ...]
+    swa_device: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpillJob:
+    """Copy device pages of `kind` into host pages just claimed for them (write-through to L2).
+    Jobs run in order: a host page claimed twice in one batch holds the last job's data, which is
+    what its current key says."""
+
+    kind: str  # "full" | "swa"
+    device: tuple[int, ...]
+    host: tuple[int, ...]
