@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -225,6 +226,7 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
             ]  # fmt: skip
             if role == "prefill":
                 argv += ["--kv-transport", args.kv_transport]
+            argv += shlex.split(args.prefill_args if role == "prefill" else args.decode_args)
             if role == "decode" and args.decode_reserve_ttl is not None:
                 argv += ["--reserve-ttl", str(args.decode_reserve_ttl)]
             if role == "decode" and args.decode_pending_ttl is not None:
@@ -317,6 +319,11 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--decode", type=int, default=1, help="decode workers")
     u.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     u.add_argument("--kv-transport", default="grpc", choices=["grpc", "shm", "torch"])
+    u.add_argument(
+        "--prefill-args", default="",
+        help='extra flags for every prefill worker, e.g. --prefill-args="--host-kv-tokens 65536"',
+    )  # fmt: skip
+    u.add_argument("--decode-args", default="", help="extra flags for every decode worker")
     u.add_argument(
         "--decode-reserve-ttl", type=float, default=None,
         help="seconds a decode reservation waits for its KV (the decode worker's default: 30)",

@@ -55,6 +55,11 @@ def test_decode_ttls_reach_the_decode_workers_only(tmp_path):
         a = set_[name]
         assert a[a.index("--reserve-ttl") + 1] == "7.0" and a[a.index("--pending-ttl") + 1] == "9.5"
     assert "--reserve-ttl" not in set_["prefill-0"] and "--pending-ttl" not in set_["router"]
+    extra = argvs(
+        "--prefill-args", "--host-kv-tokens 4096 --chunk-size 64", "--decode-args", "--max-running 3"
+    )
+    assert extra["prefill-0"][-4:] == ["--host-kv-tokens", "4096", "--chunk-size", "64"]
+    assert extra["decode-1"][-2:] == ["--max-running", "3"] and "--host-kv-tokens" not in extra["decode-0"]
 
 
 def test_a_crashing_child_is_restarted_with_a_doubling_backoff(tmp_path):

@@ -59,6 +59,7 @@ class ReqEvent:
     error: str | None = None  # the engine failed this request (last event)
     result: Any = None  # what on_finish returned (last event)
     cached_len: int = 0  # prompt tokens that came from the prefix cache
+    cached_l2: int = 0  # of cached_len, restored from the host tier (L2)
     at: float = field(default_factory=time.monotonic)
 
     @property
@@ -323,6 +324,7 @@ class EngineLoop:
                         (req.output_logprobs[-1],),
                         completion_tokens=len(req.output_ids),
                         cached_len=req.cached_len,
+                        cached_l2=req.cached_l2,
                     )
                 )
         if not reqs and not engine.scheduler.running and engine.scheduler.waiting:
@@ -354,6 +356,7 @@ class EngineLoop:
             error=handle._finish_error,
             result=handle._finish_result,
             cached_len=req.cached_len,
+            cached_l2=req.cached_l2,
         )
 
     def _on_engine_finish(self, req: Req) -> None:

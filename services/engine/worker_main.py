@@ -52,6 +52,10 @@ def add_engine_args(p: argparse.ArgumentParser, queue_policy: str) -> None:
     p.add_argument("--max-running", type=int, default=32)
     p.add_argument("--queue-policy", default=queue_policy, choices=["fcfs", "uncached-first"])
     p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument(
+        "--host-kv-tokens", type=int, default=0,
+        help="L2: full-attention tokens of KV kept in host memory behind the prefix cache (0: no L2)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--torch-threads", type=int, default=None, help="default: $SWASERVE_TORCH_THREADS or all cores"
@@ -68,6 +72,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_running=args.max_running,
         queue_policy=args.queue_policy,
         enable_prefix_cache=not args.no_prefix_cache,
+        host_kv_tokens=args.host_kv_tokens,
         dtype=args.dtype,
     )
 

@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="max seconds for one prefill")
     p.add_argument("--no-kv-events", action="store_true", help="do not publish KV cache events to Redis")
     p.add_argument(
-        "--bucket", default="", help="the prompt-length pool this worker serves (a router --length-buckets name); "
-        "empty: every length"
+        "--bucket",
+        default="",
+        help="the prompt-length pool this worker serves (a router --length-buckets name); "
+        "empty: every length",
     )
     return p
 

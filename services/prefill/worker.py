@@ -84,13 +84,14 @@ class PrefillResult:
     rid: str
     first_token: int
     first_logprob: float
-    cached_tokens: int  # prompt tokens whose KV came from this worker's prefix cache
+    cached_tokens: int  # prompt tokens whose KV came from this worker's prefix cache (L1 + L2)
     kv_bytes: int  # 0 when nothing was shipped (the first token ended the request)
     finish_reason: str  # "" if the request goes on at the decode worker, else "stop" | "length"
     matched_stop: str | int | None
     queue_seconds: float
     prefill_seconds: float
     transfer_seconds: float
+    cached_tokens_l2: int = 0  # of cached_tokens, restored from the host tier
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class PrefillWorker:
             first_token=final.token_ids[0],
             first_logprob=final.logprobs[0],
             cached_tokens=final.cached_len,
+            cached_tokens_l2=final.cached_l2,
             kv_bytes=kv_bytes,
             finish_reason=exported.finish_reason,
             matched_stop=exported.matched_stop,

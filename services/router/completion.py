@@ -109,13 +109,18 @@ class CompletionRun:
 
     def usage(self) -> Usage:
         job = self.job
-        cached = 0
+        cached = l2 = 0
         for p in range(len(job.prompts)):
-            cached += min((g.cached_tokens for g in self._gens[p * job.n : (p + 1) * job.n]), default=0)
+            gens = self._gens[p * job.n : (p + 1) * job.n]
+            least = min(gens, key=lambda g: g.cached_tokens, default=None)  # what the prompt surely had
+            if least is not None:
+                cached += least.cached_tokens
+                l2 += least.cached_tokens_l2
         return Usage(
             prompt_tokens=sum(len(p) for p in job.prompts),
             completion_tokens=sum(self._completion_tokens),
             cached_tokens=cached,
+            cached_tokens_l2=l2,
         )
 
     async def _pump(

@@ -134,7 +134,9 @@ class Dispatcher:
             self.abort_later("decode", decode.addr, rid)
             _check_finish(reply.finish_reason, "prefill")
         first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
-        return Generation(self, rid, decode.addr, prompt_ids, sampling, first, reply.cached_tokens)
+        return Generation(
+            self, rid, decode.addr, prompt_ids, sampling, first, reply.cached_tokens, reply.cached_tokens_l2
+        )
 
     async def _reserve(
         self, rid: str, decodes: Sequence[Candidate], prompt_len: int, max_tokens: int
@@ -223,6 +225,7 @@ class Generation:
         sampling: Sampling,
         first: TokenChunk,
         cached_tokens: int,
+        cached_tokens_l2: int = 0,
     ) -> None:
         self._d = dispatcher
         self.rid = rid
@@ -231,6 +234,7 @@ class Generation:
         self._sampling = sampling
         self.first = first
         self.cached_tokens = cached_tokens
+        self.cached_tokens_l2 = cached_tokens_l2  # of cached_tokens, from the worker's host tier
         self._settled = False  # the workers know the sequence is over, and its load is released
 
     async def chunks(self) -> AsyncGenerator[TokenChunk, None]:

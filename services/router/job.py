@@ -95,6 +95,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    cached_tokens_l2: int = 0  # of cached_tokens, restored from a worker's host tier (L2)
 
     @property
     def total_tokens(self) -> int:

@@ -16,7 +16,11 @@ def usage_json(u: Usage) -> dict[str, Any]:
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "prompt_tokens_details": {
+            "cached_tokens": u.cached_tokens,
+            # swaserve extension: where the cached tokens came from (device L1, host L2)
+            "cached_tokens_by_tier": {"l1": u.cached_tokens - u.cached_tokens_l2, "l2": u.cached_tokens_l2},
+        },
     }
 
 

@@ -218,3 +218,28 @@ def test_health_and_metrics_over_http(served):
 def test_main_defaults_to_uncached_first_and_grpc():
     args = build_parser().parse_args(["--port", "0"])
     assert (args.queue_policy, args.kv_transport, args.model) == ("uncached-first", "grpc", "smollm2")
+
+
+def test_a_prefix_evicted_from_the_device_comes_back_from_host_memory(lm):
+    """L2 behind the prefix cache: the reply says which cached tokens the host tier gave, the
+    metrics count them, and the first token equals a plain engine's."""
+    pre = serve_prefill(lm, engine={"max_total_tokens": 512, "host_kv_tokens": 8192})
+    cap = Capture()
+    try:
+        conv = LONG[:200]
+        first = prefill(pre, cap, "turn-1", conv, max_tokens=4)
+        for i in range(4):  # other traffic pushes turn 1 out of the 512-token device pool
+            prefill(
+                pre, cap, f"other-{i}", [(53 * j + 11 * i + 5) % 150_000 for j in range(300)], max_tokens=4
+            )
+        again = conv + [17, 18, 19]
+        reply = prefill(pre, cap, "turn-2", again, max_tokens=4)
+        assert reply.cached_tokens_l2 > 0 and reply.cached_tokens >= reply.cached_tokens_l2
+        assert reply.cached_tokens >= 192 - 16  # the window-safe, page-aligned prefix of turn 1
+        ref_req, _ = reference(lm, again, SamplingParams(max_tokens=4, temperature=0.0))
+        assert reply.first_token == ref_req.output_ids[0] and first.cached_tokens == 0
+        m = pre.worker.metrics.prompt_tokens
+        assert m.labels("l2")._value.get() == reply.cached_tokens_l2
+    finally:
+        pre.stop()
+        cap.stop()

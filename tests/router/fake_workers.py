@@ -243,6 +243,7 @@ class FakePrefillWorker(worker_pb2_grpc.PrefillWorkerServicer):
             first_token=tokens[0],
             first_logprob=logprob_at(0),
             cached_tokens=min(cached, len(prompt) - 1),
+            cached_tokens_l2=min(cached, len(prompt) - 1) // 2,  # the fake's "host tier" gave half
             finish_reason=self.finish_override or (reason if len(tokens) == 1 else ""),
         )
 

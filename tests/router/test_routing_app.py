@@ -46,9 +46,21 @@ def ids(n: int, start: int = 1000) -> list[int]:
     return list(range(start, start + n))
 
 
+class Status(int):
+    """An HTTP status that shows the body when an assertion on it fails."""
+
+    body: str = ""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} ({self.body[:300]})"
+
+
 def complete(router: RouterServer, prompt: list[int]) -> int:
     with router.http() as h:
-        return h.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3}).status_code
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 3})
+    status = Status(r.status_code)
+    status.body = r.text
+    return status
 
 
 def served_by(prefills: list[FakePrefillWorker], prompt: list[int]) -> list[int]:
@@ -96,6 +108,7 @@ def test_a_failing_worker_is_avoided_on_the_retry_and_a_dead_one_marked_down(
     source = FakeIndexSource(FakePrefixIndex(PAGE, 32))
     failing, dead_pick, healthy = ids(64), ids(64, start=3000), prefills[2]
     source.index.store(prefills[0].addr, hash_blocks(failing, PAGE))
+    source.index.store(healthy.addr, hash_blocks(failing[:32], PAGE))  # the retry's best: not `nowhere`
     source.index.store(nowhere, hash_blocks(dead_pick, PAGE))
     prefills[0].fail_with = grpc.StatusCode.UNAVAILABLE  # alive (answers Health), fails Prefill
     pool = StaticWorkerPool([prefills[0].addr, nowhere, healthy.addr], [decode.addr], down_seconds=60)
