@@ -6,6 +6,11 @@
     TTL    `ttl` seconds, refreshed every `ttl / 3`: a worker that dies is gone within one TTL
     channel swaserve:workers:load                   (PUBLISH of the same JSON on every write)
 
+A worker that stops cleanly PUBLISHes {"left": worker_id} before deleting its key. A record that
+vanished without that (Redis restarted and lost it) is still live for routers until its own
+`updated_at + ttl` (services/router/discovery.py), and the next heartbeat (within ttl / 3; every
+0.5 s after a failed write) writes it back. So a Redis restart costs no routable worker.
+
 A load that only the heartbeat carried would be up to `ttl / 3` old when the router reads it, long
 enough to send a conversation's next turn away from the worker holding its prefix because that
 worker "was busy" two seconds ago. So the worker also calls `notify()` whenever its load may have
@@ -50,6 +55,7 @@ class WorkerRecord:
     queued_tokens: int = 0  # prompt tokens admitted but not computed yet
     started_at: float = 0.0  # wall clock (time.time())
     updated_at: float = 0.0  # wall clock of the last heartbeat
+    ttl: float = 0.0  # the record's TTL in Redis: it is live until updated_at + ttl unless it left
     labels: dict[str, str] = field(default_factory=dict)  # e.g. length bucket, kv transports
 
     def __post_init__(self) -> None:
@@ -119,7 +125,7 @@ class WorkerRegistry:
         if self._thread is not None:
             raise RuntimeError("already registered; deregister() first")
         now = time.time()
-        self._record = replace(record, started_at=record.started_at or now)
+        self._record = replace(record, started_at=record.started_at or now, ttl=self.ttl)
         self._load_fn = load_fn
         try:
             self._write()
@@ -142,6 +148,8 @@ class WorkerRegistry:
         rec, self._record = self._record, None
         if rec is not None:
             try:
+                # say so first: routers drop it now, not when its TTL would have run out
+                self.redis.publish(self.channel, json.dumps({"left": rec.worker_id, "role": rec.role}))
                 self.redis.delete(self.key(rec.role, rec.worker_id))
             except redis.RedisError as e:
                 log.warning("registry: could not delete %s: %s", rec.worker_id, e)
@@ -197,7 +205,8 @@ class WorkerRegistry:
                     continue
                 self._write(load)
             except Exception as e:  # noqa: BLE001 - a heartbeat never takes the worker down
-                self._last_write = time.monotonic()  # retry after one interval, not in a spin
+                # retry soon (not in a spin): a restarted Redis gets the record back quickly
+                self._last_write = time.monotonic() - self.interval + min(self.interval, 0.5)
                 if self._healthy:
                     log.warning(
                         "registry: heartbeat to Redis failed (%s); retrying every %.1fs", e, self.interval

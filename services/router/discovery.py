@@ -8,6 +8,11 @@ snapshot it had (logged once, counted in `redis_errors`), and picks up fresh rec
 Redis answers again. A worker whose heartbeat expires disappears at the next refresh, so within
 one registry TTL plus `refresh_s`.
 
+A record missing from Redis is kept until its own deadline (`updated_at + ttl`, the TTL it was
+written with) unless the worker announced it left: a Redis restart loses every key, and the
+workers write them back at their next heartbeat (services/common/registry.py), so routing never
+sees an empty cluster in between. A worker that crashed is gone at the same time its key would have been.
+
 `mark_down(addr)` hides a worker the router could not reach until its record shows a heartbeat
 written after the mark (it proved alive again) or the record goes away.
 
@@ -22,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import orjson
 import redis
 
 from services.common.registry import WorkerRecord, WorkerRegistry
@@ -31,9 +37,14 @@ log = logging.getLogger("swaserve.router.discovery")
 
 
 class RedisWorkerPool:
-    def __init__(self, redis_url: str, model: str | None = None, refresh_s: float = 0.5,
-                 registry: WorkerRegistry | None = None,
-                 on_leave: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        model: str | None = None,
+        refresh_s: float = 0.5,
+        registry: WorkerRegistry | None = None,
+        on_leave: Callable[[str], None] | None = None,
+    ) -> None:
         self.registry = registry or WorkerRegistry(redis_url)
         self.on_leave = on_leave
         self.model = model
@@ -46,6 +57,8 @@ class RedisWorkerPool:
         self.version = 0  # bumped whenever what routable_records() returns may have changed
         self.last_refresh = 0.0
         self.load_updates = 0
+        self.kept_missing = 0  # refreshes that kept records Redis had lost (within their TTL)
+        self._left: dict[str, float] = {}  # worker_id -> when it announced it left
         self._stop = threading.Event()
         self.refresh()
         self._thread = threading.Thread(target=self._loop, name="router-discovery", daemon=True)
@@ -88,10 +101,21 @@ class RedisWorkerPool:
         if not self.redis_ok:
             log.warning("discovery: Redis reachable again; %d workers", len(records))
         self.redis_ok = True
+        now = time.time()
         with self._lock:
-            left = {r.worker_id for r in self._records} - {r.worker_id for r in records}
+            scanned = {r.worker_id for r in records}
+            self._left = {w: t for w, t in self._left.items() if now - t < 600}
+            kept = [r for r in self._records if r.worker_id not in scanned and r.worker_id not in self._left
+                    and r.ttl > 0 and r.updated_at + r.ttl > now]  # fmt: skip
+            if kept:
+                if not self.kept_missing:
+                    log.warning("discovery: %d workers missing from Redis within their TTL (a Redis "
+                                "restart?); kept until they write back or expire", len(kept))  # fmt: skip
+                self.kept_missing += 1
+            left = {r.worker_id for r in self._records} - scanned - {r.worker_id for r in kept}
             newer = {r.worker_id: r for r in self._records}  # a published record may beat the scan
-            records = [_newest(r, newer.get(r.worker_id)) for r in records]
+            records = [_newest(r, newer.get(r.worker_id)) for r in records] + kept
+            records.sort(key=lambda r: (r.role, r.worker_id))
             self._records = records
             live = {r.addr: r.updated_at for r in records}
             self._down = {a: t for a, t in self._down.items() if a in live and live[a] <= t}
@@ -118,11 +142,23 @@ class RedisWorkerPool:
                 if old.worker_id == rec.worker_id and old.role == rec.role:
                     if rec.updated_at <= old.updated_at:
                         return False
-                    self._records = [*self._records[:i], rec, *self._records[i + 1:]]
+                    self._records = [*self._records[:i], rec, *self._records[i + 1 :]]
                     self.version += 1
                     self.load_updates += 1
                     return True
         return False
+
+    def forget(self, worker_id: str) -> None:
+        """The worker announced it left: drop it now (and never keep it as 'missing')."""
+        with self._lock:
+            self._left[worker_id] = time.time()
+            before = len(self._records)
+            self._records = [r for r in self._records if r.worker_id != worker_id]
+            gone = len(self._records) < before
+            if gone:
+                self.version += 1
+        if gone and self.on_leave is not None:
+            self._tell_left(self.on_leave, [worker_id])
 
     def close(self) -> None:
         self._stop.set()
@@ -141,6 +177,10 @@ class RedisWorkerPool:
                     if msg is None or msg.get("type") != "message":
                         continue
                     try:
+                        data = orjson.loads(msg["data"])
+                        if isinstance(data, dict) and "left" in data:
+                            self.forget(str(data["left"]))
+                            continue
                         rec = WorkerRecord.from_json(msg["data"])
                     except (ValueError, TypeError) as e:
                         log.warning("discovery: skipping a malformed load message: %s", e)
@@ -161,8 +201,11 @@ class RedisWorkerPool:
 
     def _workers(self, role: Role) -> list[WorkerInfo]:
         with self._lock:
-            return [WorkerInfo(r.addr, role, r.model) for r in self._records
-                    if r.role == role and r.addr not in self._down]
+            return [
+                WorkerInfo(r.addr, role, r.model)
+                for r in self._records
+                if r.role == role and r.addr not in self._down
+            ]
 
 
 def _newest(rec: WorkerRecord, held: WorkerRecord | None) -> WorkerRecord:

@@ -33,8 +33,11 @@ def _register(url, role, addr, model="m", ttl=1.5):
 
 
 def test_lists_live_workers_of_its_model(redis_server):
-    regs = [_register(redis_server.url, "prefill", "p1:1"), _register(redis_server.url, "decode", "d1:1"),
-            _register(redis_server.url, "prefill", "other:1", model="other")]
+    regs = [
+        _register(redis_server.url, "prefill", "p1:1"),
+        _register(redis_server.url, "decode", "d1:1"),
+        _register(redis_server.url, "prefill", "other:1", model="other"),
+    ]
     pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
     try:
         assert [w.addr for w in pool.prefill_workers()] == ["p1:1"]
@@ -114,6 +117,44 @@ def test_published_loads_replace_the_snapshot_between_refreshes(redis_server):
         load["waiting"] = 2
         reg.notify()
         assert _wait(lambda: [r.waiting for r in pool.records("prefill")] == [2], timeout=2)
+    finally:
+        pool.close()
+        reg.close()
+
+
+def test_records_redis_lost_are_kept_until_their_ttl_and_written_back(redis_server):
+    """A Redis restart loses every key: the router keeps routing to the workers it knew (their
+    TTL has not run out), and their next heartbeats write the records back."""
+    reg = _register(redis_server.url, "prefill", "p1:1", ttl=6)  # heartbeat every 2 s
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=0.1)
+    try:
+        assert [w.addr for w in pool.prefill_workers()] == ["p1:1"]
+        port = redis_server.port
+        redis_server.stop()
+        assert _wait(lambda: not pool.redis_ok)
+        with RedisServer(port=port) as fresh:  # empty: the record is gone from Redis
+            assert _wait(lambda: pool.redis_ok)
+            if not WorkerRegistry(fresh.url).list():  # (unless a heartbeat beat us to it)
+                time.sleep(0.3)  # refreshes that did not find the key
+                assert pool.kept_missing >= 1
+            assert [w.addr for w in pool.prefill_workers()] == ["p1:1"]
+            assert _wait(lambda: WorkerRegistry(fresh.url).list() != [], timeout=5)  # written back
+    finally:
+        pool.close()
+        reg.close()
+
+
+def test_a_worker_that_leaves_is_dropped_at_once(redis_server):
+    reg = _register(redis_server.url, "decode", "d1:1", ttl=30)
+    left: list[str] = []
+    pool = RedisWorkerPool(redis_server.url, model="m", refresh_s=30, on_leave=left.append)  # no refresh
+    try:
+        assert [w.addr for w in pool.decode_workers()] == ["d1:1"]
+        time.sleep(0.2)  # the subscriber is listening
+        reg.deregister()
+        assert _wait(lambda: pool.decode_workers() == [], timeout=2) and left == ["d1:1"]
+        pool.refresh()  # gone from Redis and announced: not kept as "missing"
+        assert pool.decode_workers() == []
     finally:
         pool.close()
         reg.close()

@@ -200,8 +200,8 @@ def test_redis_restarted_under_load_costs_no_request(
         statuses += [complete(router, ids(30, start=100 + i)) for i in range(5)]
         with router.http() as h:
             down = h.get("/metrics").text
-        with RedisServer(port=port):
-            assert _wait(lambda: pool.redis_ok and len(pool.prefill_workers()) == 2, timeout=15)
+        with RedisServer(port=port):  # empty: until the heartbeats write back, records are kept
+            assert _wait(lambda: pool.redis_ok, timeout=15)
             statuses += [complete(router, ids(30, start=200 + i)) for i in range(3)]
             with router.http() as h:
                 up = h.get("/metrics").text
