@@ -105,10 +105,12 @@ class Engine:
         )
         self.host: HostTier | None = None
         self.host_store: HostKVStore | None = None
+        self.host_events: EventBuffer | None = None
         if cfg.host_kv_tokens > 0 and cfg.enable_prefix_cache:
             host_full = cfg.host_kv_tokens // p
             host_swa = cfg.host_swa_pages if cfg.host_swa_pages is not None else host_full
-            self.host = HostTier(host_full, host_swa, p, self.window)
+            self.host_events = EventBuffer()  # tier "l2" (kv/host_tier.py), published beside L1's
+            self.host = HostTier(host_full, host_swa, p, self.window, event_sink=self.host_events)
             self.host_store = HostKVStore(kv_specs(model_cfg), host_full, host_swa, p, DTYPES[cfg.dtype])
         self.scheduler = Scheduler(
             sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy),

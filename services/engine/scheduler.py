@@ -200,8 +200,10 @@ class Scheduler:
         hashes = self._page_hashes(req, length)
         dev: list[int] = []
         host: list[int] = []
+        tokens = req.all_ids
         for i in range(n):
-            hp = self.host.store_full(hashes[i])
+            parent = hashes[i - 1] if i else ROOT_HASH
+            hp = self.host.store_full(hashes[i], parent, tokens[i * p : (i + 1) * p])
             if hp is not None:
                 dev.append(full[i])
                 host.append(hp)
@@ -209,7 +211,8 @@ class Scheduler:
             self.spills.append(SpillJob("full", tuple(dev), tuple(host)))
         tail = swa[swa_keep_start(length, p, self.cfg.window) // p : n]
         if tail and all(pg is not None for pg in tail):
-            hps = self.host.store_tail(hashes[n - 1], len(tail))
+            parent = hashes[n - 2] if n > 1 else ROOT_HASH
+            hps = self.host.store_tail(hashes[n - 1], len(tail), parent, tokens[(n - 1) * p : n * p])
             if hps is not None:
                 self.spills.append(SpillJob("swa", tuple(pg for pg in tail if pg is not None), hps))
 

@@ -109,6 +109,23 @@ def attach_kv_events(loop: EngineLoop, redis_url: str, worker_id: str, **kw: Any
     return publisher
 
 
+L2_TIER = "l2"
+
+
+def attach_l2_events(loop: EngineLoop, redis_url: str, worker_id: str) -> KVEventPublisher | None:
+    """Publish the host tier's events (tier "l2") after every loop step, if the engine has one.
+    Its index uses a one-page window: an "swa" entry at page L - 1 is a tail, so L is restorable
+    (services/engine/kv/host_tier.py)."""
+    engine = loop.engine
+    host, events = engine.host, engine.host_events
+    if host is None or events is None:
+        return None
+    page = engine.cfg.page_size
+    publisher = KVEventPublisher(redis_url, worker_id, page, page, tier=L2_TIER, snapshot_fn=host.snapshot)
+    chain_after_step(loop, lambda e: publisher.publish_buffer(events))
+    return publisher
+
+
 def chain_after_step(loop: EngineLoop, hook: Callable[[Engine], None]) -> None:
     """Run `hook` after every loop step, after the hooks already set."""
     prev = loop.after_step
@@ -157,9 +174,10 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
         registry.register(record, load_fn=built.load)
         reg = registry
         chain_after_step(loop, lambda e: reg.notify())  # fresh loads for the routers (registry.py)
-    kv_events = None
+    kv_events = l2_events = None
     if registry is not None and built.kv_events:  # keyed like the registry: on_leave forgets by it
         kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id)
+        l2_events = attach_l2_events(loop, args.redis_url, worker_id=record.worker_id)
     print(
         f"swaserve {role} worker ready on {addr} (model {args.model}"
         + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
@@ -183,8 +201,9 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
             break
     if registry is not None:
         registry.close()  # first: the router stops sending new work here
-    if kv_events is not None:
-        kv_events.close()  # routers drop this worker's blocks
+    for publisher in (kv_events, l2_events):
+        if publisher is not None:
+            publisher.close()  # routers drop this worker's blocks
     server.stop(grace=5.0).wait()
     built.close()
     loop.stop()

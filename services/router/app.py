@@ -73,14 +73,15 @@ def create_app(
     worker_pool: WorkerPool,
     *,
     index: IndexSource | None = None,
+    l2_index: IndexSource | None = None,
     routing: RoutingPipeline | None = None,
     metrics: RouterMetrics | None = None,
 ) -> FastAPI:
-    """`index`: the prefix index follower (None: load-only routing); `routing` overrides the
-    pipeline built from `settings.policy` and `index`."""
+    """`index`: the prefix index follower (None: load-only routing); `l2_index`: the follower of
+    the workers' host tiers (tier "l2"); `routing` overrides the pipeline built from them."""
     tok = RouterTokenizer(settings.model_dir)
     metrics = metrics or RouterMetrics()
-    routing = routing or RoutingPipeline(settings.policy, index)
+    routing = routing or RoutingPipeline(settings.policy, index, l2_index=l2_index)
     metrics.watch(worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors)
     clients = WorkerClients()
     dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics)

@@ -98,8 +98,9 @@ def model_window(model_dir: Path) -> int:
         return PolicyConfig().window
 
 
-def index_follower(args: argparse.Namespace, policy: PolicyConfig) -> IndexSource | None:
-    """The KV event follower feeding the prefix index, or None (load-only routing)."""
+def index_follower(args: argparse.Namespace, policy: PolicyConfig, tier: str = "l1") -> IndexSource | None:
+    """The KV event follower feeding the prefix index of `tier`, or None (load-only routing). The
+    L2 (host tier) index has a one-page window: its "swa" entries are tail ends."""
     if args.prefix_index == "off" or not args.redis_url:
         return None
     try:  # lazily: the module may not be in this build
@@ -110,7 +111,8 @@ def index_follower(args: argparse.Namespace, policy: PolicyConfig) -> IndexSourc
         log.warning("no prefix index in this build (services.common.kv_event_bus); load-only routing")
         return None
     try:
-        follower: Any = follower_cls(args.redis_url, policy.page_size, policy.window)
+        window = policy.window if tier == "l1" else policy.page_size
+        follower: Any = follower_cls(args.redis_url, policy.page_size, window, tier=tier)
         follower.start()
     except Exception as e:
         if args.prefix_index == "on":
@@ -121,7 +123,7 @@ def index_follower(args: argparse.Namespace, policy: PolicyConfig) -> IndexSourc
     return source
 
 
-def worker_pool(args: argparse.Namespace, model: str, index: IndexSource | None = None) -> WorkerPool:
+def worker_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | None) -> WorkerPool:
     """Static from the command line, or discovered in Redis (workers registered with `model`)."""
     if args.redis_url:
         try:
@@ -130,8 +132,13 @@ def worker_pool(args: argparse.Namespace, model: str, index: IndexSource | None 
             raise SystemExit(
                 "--redis-url: Redis discovery is not available in this build; use --prefill/--decode"
             ) from None
-        forget = getattr(index, "forget_worker", None)
-        pool: WorkerPool = RedisWorkerPool(args.redis_url, model=model, on_leave=forget)
+        forgets = [f for f in (getattr(i, "forget_worker", None) for i in indexes) if f is not None]
+
+        def forget(worker_id: str) -> None:
+            for f in forgets:
+                f(worker_id)
+
+        pool: WorkerPool = RedisWorkerPool(args.redis_url, model=model, on_leave=forget if forgets else None)
         return pool
     return StaticWorkerPool(_split(args.prefill), _split(args.decode))
 
@@ -158,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         policy=policy,
     )
     index = index_follower(args, policy)
-    app = create_app(settings, worker_pool(args, args.model, index), index=index)
+    l2_index = index_follower(args, policy, tier="l2") if index is not None else None
+    pool = worker_pool(args, args.model, index, l2_index)
+    app = create_app(settings, pool, index=index, l2_index=l2_index)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
         loop="uvloop", http="httptools",  # libuv loop and the C HTTP parser: ~1/3 less overhead a request

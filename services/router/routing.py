@@ -94,9 +94,16 @@ class RoutingDecision:
 
 
 class RoutingPipeline:
-    def __init__(self, config: PolicyConfig, index: IndexSource | None = None, model: str = "") -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        index: IndexSource | None = None,
+        model: str = "",
+        l2_index: IndexSource | None = None,
+    ) -> None:
         self.config = config
         self.index = index
+        self.l2_index = l2_index  # the workers' host tiers: a one-page window (engine kv/host_tier.py)
         self.model = model
         self.prefill_profile = Profile.build("prefill", config.prefill_spec(), config)
         self.decode_profile = Profile.build("decode", config.decode_spec(), config)
@@ -181,10 +188,27 @@ class RoutingPipeline:
             self.index_errors += 1
             log.exception("routing: prefix index match failed; routing this request by load")
             return {}
-        return {
+        l2 = self._l2_matches(hashes)
+        hits = {
             w: PrefixHit(int(m.raw_blocks), int(m.safe_blocks), int(getattr(m, "l2_blocks", 0)))
             for w, m in raw.items()
         }
+        for w, safe in l2.items():  # restorable from the worker's host tier, past its L1 hit
+            h = hits.get(w, PrefixHit())
+            if safe > h.safe_blocks:
+                hits[w] = PrefixHit(h.raw_blocks, h.safe_blocks, max(h.l2_blocks, safe))
+        return hits
+
+    def _l2_matches(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+        src = self.l2_index
+        if src is None or not (_flag(src, "ready") and _flag(src, "redis_ok")):
+            return {}
+        try:
+            return {w: int(m.safe_blocks) for w, m in src.index.match(hashes).items()}
+        except Exception:  # noqa: BLE001 - a broken L2 index only loses the L2 credit
+            self.index_errors += 1
+            log.exception("routing: L2 index match failed; no L2 credit for this request")
+            return {}
 
     def _reason(self, req: RouteRequest, ranked: Sequence[Candidate], chosen_safe: int) -> str:
         if self.index is None:

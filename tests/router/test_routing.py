@@ -372,3 +372,20 @@ def test_candidate_source_rebuilds_only_when_the_snapshot_changes(redis_server: 
     finally:
         pool.close()
         reg.close()
+
+
+def test_the_cost_policy_credits_a_hit_in_a_workers_host_tier(source: FakeIndexSource) -> None:
+    """L2 (tier "l2" events, a one-page window: a tail end is an SWA entry) gives the cost scorer
+    its L2 credit; the seed formula stays L1-only."""
+    l2 = FakeIndexSource(FakePrefixIndex(PAGE, PAGE))
+    ids = prompt(20 * PAGE + 3, seed=21)
+    hashes = hash_blocks(ids, PAGE)
+    l2.index.store("p2", hashes[:16])  # p2 can restore 16 pages from host memory
+    source.index.store("p1", hashes[:2])  # p1 has 2 pages on its device
+    cost = RoutingPipeline(replace(CFG, prefill_policy="cost"), source, l2_index=l2)
+    d = cost.decide(ids, PREFILL, DECODE)
+    assert d.prefill.worker_id == "p2"  # 16 pages at 0.75 beat 2 pages at 1.0
+    seed = RoutingPipeline(CFG, source, l2_index=l2)
+    assert seed.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"  # the seed formula: L1 only
+    l2.ready = False  # an L2 index not ready gives no credit
+    assert cost.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"

@@ -18,15 +18,21 @@ Eviction is segmented LRU per kind: an entry starts on probation and moves to th
 segment when a lookup uses it; probation is evicted first. One-shot prefixes (a scan of new
 conversations) therefore cannot push out a hot one (a shared system prompt, a long conversation's
 turns). Host pages come from two PagePools; services/engine/host_store.py holds the bytes.
+
+Events (tier "l2", kv/events.py) tell the router what L2 holds: a full block is a "full" event of
+its hash, a tail a "swa" event of the hash of the page it ends at, so that an index built with a
+one-page window (safe at L iff an "swa" entry exists at page L - 1) says exactly where a restore
+can end.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.common.block_hash import BlockHash
+from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.req_pages import swa_keep_start
 
@@ -65,16 +71,24 @@ class _Segments:
         elif key in self.probation:
             self.protected[key] = self.probation.pop(key)
 
-    def pop_victim(self) -> tuple[int, ...] | None:
+    def pop_victim(self) -> tuple[BlockHash, tuple[int, ...]] | None:
         for seg in (self.probation, self.protected):
             if seg:
-                return seg.popitem(last=False)[1]
+                return seg.popitem(last=False)
         return None
 
 
 class HostTier:
-    def __init__(self, full_pages: int, swa_pages: int, page_size: int, window: int) -> None:
+    def __init__(
+        self,
+        full_pages: int,
+        swa_pages: int,
+        page_size: int,
+        window: int,
+        event_sink: Callable[[KVEvent], None] | None = None,
+    ) -> None:
         self.page_size = page_size
+        self.event_sink = event_sink
         self.window = window
         self.full_pool = PagePool(full_pages, page_size, "host-full")
         self.swa_pool = PagePool(swa_pages, page_size, "host-swa")
@@ -118,38 +132,63 @@ class HostTier:
         self._tails.promote(hashes[hit.end - 1])
 
     # -- writes --------------------------------------------------------------------------------
-    def store_full(self, key: BlockHash) -> int | None:
+    def store_full(
+        self, key: BlockHash, parent: BlockHash | None = None, tokens: Sequence[int] = ()
+    ) -> int | None:
         """A host page for a new full block (evicting as needed), or None if it is here already or
-        nothing can be evicted."""
+        nothing can be evicted. `parent` and the page's `tokens` go into the stored event."""
         if self._full.get(key) is not None:
             return None
         pages = self._alloc(self.full_pool, self._full, 1)
         if pages is None:
             return None
         self._full.put(key, pages)
+        self._stored("full", key, parent, tokens)
         return pages[0]
 
-    def store_tail(self, key: BlockHash, n: int) -> tuple[int, ...] | None:
-        """Host SWA pages for a new tail of n pages, or None (here already / no room)."""
+    def store_tail(
+        self, key: BlockHash, n: int, parent: BlockHash | None = None, tokens: Sequence[int] = ()
+    ) -> tuple[int, ...] | None:
+        """Host SWA pages for a new tail of n pages ending at the page hashed `key`, or None (here
+        already / no room). `parent` and `tokens` are those of that last page, for the event."""
         if self._tails.get(key) is not None or n > self.swa_pool.num_pages:
             return None
         pages = self._alloc(self.swa_pool, self._tails, n)
         if pages is None:
             return None
         self._tails.put(key, pages)
+        self._stored("swa", key, parent, tokens)
         return pages
+
+    def _stored(self, kind: str, key: BlockHash, parent: BlockHash | None, tokens: Sequence[int]) -> None:
+        if self.event_sink is not None and parent is not None and len(tokens) == self.page_size:
+            self.event_sink(
+                BlockStored(kind="full" if kind == "full" else "swa", block_hashes=(key,),
+                            parent_hash=parent, token_ids=tuple(tokens), page_size=self.page_size)
+            )  # fmt: skip
 
     def _alloc(self, pool: PagePool, seg: _Segments, n: int) -> tuple[int, ...] | None:
         while pool.num_free < n:
             victim = seg.pop_victim()
             if victim is None:
                 return None
-            pool.decref(victim)
+            key, pages = victim
+            pool.decref(pages)
             if seg is self._full:
                 self.evicted_full += 1
             else:
                 self.evicted_tails += 1
+            if self.event_sink is not None:
+                self.event_sink(
+                    BlockRemoved(kind="full" if seg is self._full else "swa", block_hashes=(key,))
+                )
         return tuple(pool.alloc(n))
+
+    def snapshot(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """(full block hashes, tail end hashes) held now: what a resync publishes."""
+        full = list(self._full.probation) + list(self._full.protected)
+        tails = list(self._tails.probation) + list(self._tails.protected)
+        return full, tails
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
