@@ -11,6 +11,10 @@ With a host tier (L2, kv/host_tier.py), admission extends the L1 match with page
 host memory (full pages plus the SWA tail at the restored end: window-safe), and every prefix the
 radix cache takes is also written through to L2. The copies themselves are jobs the engine runs:
 `RestoreJob`s on the request before the forward, `SpillJob`s in `spills` after the step.
+A prompt whose full-attention KV matches further than its window-safe prefix (raw_len > safe_len:
+another sequence branched off there, e.g. a shared system prompt, and its SWA window at that
+point is gone) gets a checkpoint at raw_len: its prefill chunk stops there once, and the prefix is
+inserted with the SWA tail it just computed, so the next request with that prefix hits it.
 When a step cannot get pages, the radix cache is evicted first (SWA tombstones before whole
 nodes); if that is not enough the most recently admitted running request is preempted: its pages
 are released and it goes back to the front of the queue to be recomputed (its output so far is
@@ -110,7 +114,7 @@ class Scheduler:
         for req in list(self.running):
             if req.status is not ReqStatus.RUNNING or budget <= 0:
                 continue
-            n = min(req.seq_len - req.computed_len, self.cfg.chunk_size, budget)
+            n = self._chunk(req, budget)
             slots = self._plan(req, req.computed_len + n, batch)
             if slots is None:
                 continue  # req itself was preempted
@@ -128,7 +132,7 @@ class Scheduler:
                 break
             if not self._try_admit(req):
                 break  # head of the queue does not fit: wait for pages rather than jump it
-            n = min(req.seq_len - req.computed_len, self.cfg.chunk_size, budget)
+            n = self._chunk(req, budget)
             slots = self._plan(req, req.computed_len + n, batch)
             if slots is None:
                 break
@@ -157,11 +161,21 @@ class Scheduler:
         req.cached_l2 = restored
         cached += restored
         req.cached_len = req.computed_len = cached
+        req.checkpoint = 0
+        if match is not None and cached < match.raw_len < req.seq_len:
+            req.checkpoint = match.raw_len  # page-aligned: a branch point without its SWA tail
         req.status = ReqStatus.RUNNING
         self.waiting.remove(req)
         self.running.append(req)
         req.check()
         return True
+
+    def _chunk(self, req: Req, budget: int) -> int:
+        """Tokens of req's next step: a chunk, cut at its checkpoint if it has one ahead."""
+        n = min(req.seq_len - req.computed_len, self.cfg.chunk_size, budget)
+        if req.computed_len < req.checkpoint:
+            n = min(n, req.checkpoint - req.computed_len)
+        return n
 
     def _restore(self, req: Req, pages: ReqPages, match: MatchResult, cached: int) -> int:
         """Extend the L1 prefix from L2 if it has more; returns the tokens restored (0: none)."""
@@ -176,7 +190,8 @@ class Scheduler:
                 new_full, new_swa = pages.restore_prefix(cached, match.full_pages[: cached // p], hit.end * p)
                 break
             except OutOfPages:
-                if attempt or not self._evict(hit.end - cached // p, hit.end - hit.tail_first):
+                swa_need = hit.end - swa_keep_start(hit.end * p, p, self.cfg.window) // p
+                if attempt or not self._evict(hit.end - cached // p, swa_need):
                     return 0
         req.restore = RestoreJob(hit.full, tuple(new_full), hit.tail, tuple(new_swa))
         self.host.use(hashes, hit)
@@ -251,7 +266,7 @@ class Scheduler:
                 del batch[i]
                 break
         self._release(req)
-        req.cached_len = req.computed_len = req.cached_l2 = 0
+        req.cached_len = req.computed_len = req.cached_l2 = req.checkpoint = 0
         req.restore = None
         req.status = ReqStatus.WAITING
         req.num_preemptions += 1
@@ -264,6 +279,9 @@ class Scheduler:
         req = step.req
         req.pages.commit_step(step.slots.end)
         req.computed_len = step.slots.end
+        if req.checkpoint and req.computed_len == req.checkpoint and self.cfg.enable_prefix_cache:
+            self._cache_prefix(req, req.all_ids[: req.checkpoint])  # the branch point, with its tail
+            req.checkpoint = 0
         if self.cfg.enable_prefix_cache and not req.prompt_tail_cached and req.computed_len >= req.prompt_len:
             self._cache_prefix(req, req.prompt_ids)
             req.prompt_tail_cached = True

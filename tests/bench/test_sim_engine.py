@@ -33,7 +33,9 @@ def reference_cached(prompts: Sequence[Sequence[int]], page: int = PAGE, window:
     """Window-safe hits with unbounded capacity, from sets of token prefixes (no radix tree):
     a finished prompt of n tokens leaves full KV for its pages up to align(n) and SWA KV for the
     pages of [align(align(n) - window), align(n)); a hit of L tokens (L <= align(len - 1)) needs
-    full KV for [0, L) and SWA KV for every page overlapping [L - window, L)."""
+    full KV for [0, L) and SWA KV for every page overlapping [L - window, L). A prompt whose full
+    KV matched further (R > its hit) also leaves SWA KV for the pages of [align(R - window), R):
+    the branch point it computed through (the scheduler's checkpoint)."""
 
     def align(x: int) -> int:
         return max(0, x - x % page)
@@ -49,6 +51,10 @@ def reference_cached(prompts: Sequence[Sequence[int]], page: int = PAGE, window:
                 best = length
                 break
         hits.append(best)
+        raw = next((n for n in range(align(len(p) - 1), 0, -page) if tuple(p[:n]) in full), 0)
+        if raw > best:
+            for j in range(align(raw - window) // page, raw // page):
+                swa.add(tuple(p[: (j + 1) * page]))
         end = align(len(p))
         for j in range(end // page):
             full.add(tuple(p[: (j + 1) * page]))

@@ -106,6 +106,27 @@ def test_swa_tombstones_force_a_back_off_and_the_output_stays(mimo):
     assert r.output_ids == reference_greedy(mimo, longer, 12)
 
 
+def test_a_shared_prefix_without_its_window_becomes_a_hit_for_the_third_request(mimo):
+    """A and B share a 40-token system prompt; A's cache keeps SWA only at A's own end, so B finds
+    the shared full KV but no window there (raw > safe). B's prefill stops at the branch point and
+    caches it with the SWA tail it just computed: C, the third with that prefix, hits it."""
+    rng = random.Random(13)
+    system = _prompt(rng, 40)
+    a, b, c = (system + _prompt(rng, n) for n in (23, 17, 29))
+    eng = _engine(mimo, page_size=4, chunk_size=64)
+    first = _capture(eng)
+    (ra,) = eng.generate([a], GREEDY)
+    m = eng.cache.match(b[:-1])
+    assert m.raw_len == 40 and m.safe_len < 40  # the branch point has no SWA window
+    (rb,) = eng.generate([b], GREEDY)
+    assert rb.cached_len == m.safe_len
+    (rc,) = eng.generate([c], GREEDY)
+    assert rc.cached_len == 40  # B cached the branch point with its tail
+    for p, r in ((a, ra), (b, rb), (c, rc)):
+        assert r.output_ids == reference_greedy(mimo, p, 12)
+        assert _close(first[r.rid], reference_logits(mimo, p)[-1])
+
+
 def test_preemption_by_recompute_keeps_greedy_output(mimo):
     rng = random.Random(9)
     prompts = [_prompt(rng, n) for n in (30, 25, 20, 35)]

@@ -1,0 +1,203 @@
+"""Prefix-cache hit rate on a Mooncake trace with the engine's real bookkeeping, by KV tier layout.
+
+SIMULATED bookkeeping, no tensors and no timing: the engine's real Scheduler, page pools, radix
+cache and host tier (services/engine/kv/) serve the trace's requests one after another (prompts
+built from the trace's hash ids, bench/replay/prompts.py), each request computing its prompt and
+one token; what is counted is `cached_len` at admission, i.e. tokens whose KV a worker reuses.
+Byte sizes are MiMo-V2-Flash's (bf16): full-attention KV 23,040 B/token, SWA KV 199,680 B/token.
+
+Modes, all at the same device (L1) capacity:
+  L1 only                 the radix cache alone (window-safe: SWA kept only at cached tails)
+  L1 + L2 window-safe     host tier: every page's full KV, SWA only as the window before each
+                          cached end (kv/host_tier.py); its bytes split between full pages and
+                          tails as one tail (W tokens of SWA) per mean prompt of full KV
+  L1 + L2 all SWA         host tier of the same bytes that keeps every page's SWA KV with its
+                          full KV (what a tier that is not window-aware stores): any page end is
+                          restorable, but a page costs 9.7x the bytes
+Prompts continue earlier turns at the token level: a Mooncake trace names 512-token blocks, so a
+conversation's next turn, whose prefix is the whole previous prompt, shows a *different* id for
+the block where the previous prompt ended (that block grew). Built block by block, that block's
+tokens would be unrelated and the shared prefix would stop at a block boundary, where no cache
+keeps an SWA tail (neither would a real conversation). So when a request's leading ids are an
+earlier request's full blocks and it has more, its prompt starts with that request's exact
+tokens (bench.replay.prompts' blocks for the rest). The ideal (infinite cache) counts the longer
+of the block-level hit (bench/replay/ideal.py) and that continued prompt.
+
+    python bench/kv_tier_hit_rate.py [--quick] [--trace PATH] [--requests N] [--prompt-scale F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.replay.ideal import ideal_hit_tokens  # noqa: E402
+from bench.replay.prompts import PromptBuilder  # noqa: E402
+from bench.replay.traces import load_trace  # noqa: E402
+from services.common.block_hash import BlockHash  # noqa: E402
+from services.engine.kv.host_tier import HostHit, HostTier  # noqa: E402
+from services.engine.kv.page_pool import PagePool  # noqa: E402
+from services.engine.kv.radix_cache import RadixCache  # noqa: E402
+from services.engine.queue_policy import make_queue_policy  # noqa: E402
+from services.engine.request import Req  # noqa: E402
+from services.engine.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+
+FULL_BYTES, SWA_BYTES = 23_040, 199_680  # MiMo-V2-Flash, bf16, per token (bench/sim/cost_model.py)
+PAGE, WINDOW = 16, 128
+DEFAULT_TRACE = ROOT.parent / "shared/traces/mooncake_fast25/conversation_trace.jsonl"
+
+
+class AllSwaHostTier(HostTier):
+    """A host tier that stores each page's SWA KV with its full KV (one combined page): any page
+    end whose window's pages are all here is restorable. Same API, for the comparison only."""
+
+    def __init__(self, pages: int) -> None:
+        super().__init__(pages, 1, PAGE, WINDOW)
+        self.need = -(-WINDOW // PAGE)
+
+    def store_tail(self, key: BlockHash, n: int, parent: BlockHash | None = None, tokens=()) -> None:  # type: ignore[override]
+        return None  # every page already carries its SWA
+
+    def lookup(self, hashes: list[BlockHash], start: int) -> HostHit | None:  # type: ignore[override]
+        full: list[int] = []
+        end = start
+        while end < len(hashes):
+            page = self._full.get(hashes[end])
+            if page is None:
+                break
+            full.append(page[0])
+            end += 1
+        while end > start and not all(self.has_full(h) for h in hashes[max(0, end - self.need) : end]):
+            end -= 1
+            full.pop()
+        return HostHit(start, end, tuple(full), (), max(0, end - self.need)) if end > start else None
+
+
+def build_prompts(reqs, block: int, scale: float) -> tuple[list[list[int]], list[int]]:  # type: ignore[no-untyped-def]
+    """Token prompts of the trace's requests, each continuing the latest earlier request whose
+    full blocks it starts with (see the module doc); also the continued length of each (0: none)."""
+    builder = PromptBuilder(seed=0)
+    by_full_blocks: dict[tuple[int, ...], list[int]] = {}  # ids of all but the last block -> prompt
+    prompts, continued = [], []
+    for r in reqs:
+        n = max(1, round(r.input_length / scale))
+        ids: list[int] = []
+        for h in r.hash_ids:  # block by block, as bench.replay.prompts builds them
+            ids += builder.block_tokens(h, block, min(block, n - len(ids)))
+            if len(ids) >= n:
+                break
+        ids = ids[:n]
+        cont = 0
+        for j in range(len(r.hash_ids) - 1, 0, -1):
+            prev = by_full_blocks.get(tuple(r.hash_ids[:j]))
+            if prev is not None and j * block < len(prev) < n:
+                ids[: len(prev)] = prev  # the earlier turn's exact tokens, then this turn's own
+                cont = len(prev)
+                break
+        prompts.append(ids)
+        continued.append(cont)
+        by_full_blocks[tuple(r.hash_ids[:-1])] = ids
+    return prompts, continued
+
+
+@dataclass(frozen=True)
+class _Scaled:  # a trace request at the bench's scale, for bench.replay.ideal
+    input_length: int
+    hash_ids: tuple[int, ...]
+    block_size: int
+
+
+@dataclass
+class Params:  # what the scheduler reads of a request's sampling params: nothing but its presence
+    max_tokens: int = 1
+
+
+def serve(requests: list[list[int]], device_tokens: int, host: HostTier | None) -> tuple[int, int]:
+    full_pool = PagePool(device_tokens // PAGE, PAGE, "full")
+    swa_pool = PagePool(4 * (WINDOW // PAGE + 2), PAGE, "swa")  # one request at a time
+    cache = RadixCache(PAGE, WINDOW, full_pool, swa_pool)
+    sched = Scheduler(
+        SchedulerConfig(page_size=PAGE, window=WINDOW, chunk_size=1 << 20, max_batch_tokens=1 << 20, max_running=1),
+        full_pool, swa_pool, cache, make_queue_policy("fcfs"), host=host,
+    )  # fmt: skip
+    cached = l2 = 0
+    for i, ids in enumerate(requests):
+        req = Req(rid=f"r{i}", prompt_ids=ids, params=Params())  # type: ignore[arg-type]
+        sched.add(req)
+        while req.pages is None or req.computed_len < req.seq_len:
+            batch = sched.schedule()
+            if not batch:
+                raise RuntimeError(f"request {i} ({len(ids)} tokens) does not fit the device pool")
+            for st in batch:
+                sched.commit(st)
+        cached += req.cached_len
+        l2 += req.cached_l2
+        req.restore = None
+        req.output_ids.append(0)
+        sched.finish(req)
+        sched.spills.clear()
+    return cached, l2
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="300 requests (under a minute)")
+    p.add_argument("--trace", default=str(DEFAULT_TRACE))
+    p.add_argument("--requests", type=int, default=2000, help="the first N requests of the trace")
+    p.add_argument("--prompt-scale", type=float, default=1.0, help="divide lengths and block size by this")
+    p.add_argument(
+        "--device-tokens", type=int, default=0, help="L1 tokens (default: 1.5 x the longest prompt)"
+    )
+    p.add_argument("--host-x", type=float, nargs="+", default=[4.0, 16.0],
+                   help="L2 bytes as multiples of the L1 full-KV bytes (one row set each)")  # fmt: skip
+    args = p.parse_args()
+    if args.quick:
+        args.requests, args.prompt_scale, args.host_x = 400, 4.0, [16.0]
+    trace = load_trace(args.trace)
+    reqs = trace.requests[: args.requests]
+    block = round(512 / args.prompt_scale)
+    prompts, continued = build_prompts(reqs, block, args.prompt_scale)
+    total = sum(len(x) for x in prompts)
+    blockwise = ideal_hit_tokens(
+        [_Scaled(len(x), r.hash_ids, block) for r, x in zip(reqs, prompts, strict=True)]
+    )
+    ideal = sum(max(b, c) for b, c in zip(blockwise, continued, strict=True)) / total
+    device = args.device_tokens or (max(len(x) for x in prompts) * 3 // 2 // PAGE + 1) * PAGE
+    tail_bytes = WINDOW * SWA_BYTES
+    share = tail_bytes / (tail_bytes + total / len(prompts) * FULL_BYTES)  # one tail per mean prompt
+    rows = []
+    t = time.perf_counter()
+    cached, _ = serve(prompts, device, None)
+    rows.append(("L1 only", "-", cached / total, 0.0, time.perf_counter() - t))
+    for x in args.host_x:
+        host_bytes = x * device * FULL_BYTES
+        full_pages = int((1 - share) * host_bytes / (FULL_BYTES * PAGE))
+        swa_pages = int(share * host_bytes / (SWA_BYTES * PAGE))
+        all_pages = int(host_bytes / ((FULL_BYTES + SWA_BYTES) * PAGE))
+        for name, host in (
+            ("L1 + L2 window-safe", HostTier(full_pages, swa_pages, PAGE, WINDOW)),
+            ("L1 + L2 all SWA", AllSwaHostTier(all_pages)),
+        ):
+            t = time.perf_counter()
+            cached, l2 = serve(prompts, device, host)
+            size = f"{host_bytes / 2**30:.1f} GiB = {full_pages * PAGE if 'safe' in name else all_pages * PAGE:,} tok"
+            rows.append((name, size, cached / total, l2 / total, time.perf_counter() - t))
+    print(f"\n## KV tiers: prefix hit rate, first {len(reqs)} requests of {Path(args.trace).name} "
+          f"(prompt scale {args.prompt_scale:g}: {total:,} tokens, block {block}), SIMULATED bookkeeping")  # fmt: skip
+    print(f"L1 {device:,} tokens ({device * FULL_BYTES / 2**30:.2f} GiB of full KV) for every mode; window-safe "
+          f"L2 gives {100 * share:.0f}% of its bytes to tails; ideal (infinite cache) {100 * ideal:.1f}%")  # fmt: skip
+    print("| mode | L2 size | hit rate | / ideal | from L2 | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, size, hit, l2, secs in rows:
+        frac = hit / ideal if ideal else 0.0
+        print(f"| {name} | {size} | {100 * hit:.1f}% | {frac:.2f} | {100 * l2:.1f}% | {secs:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
