@@ -1,0 +1,1 @@
+"""Router comparison on simulated fleets (bench/compare_routers.py): fleets, runs, tables, plots."""

@@ -1,0 +1,225 @@
+"""One fresh fleet per run: simulated workers, the router under test, and (for ours) a fresh Redis.
+
+    with start_fleet(policy, FleetSpec(workers=8, time_scale=2), logdir) as fleet:
+        fleet.target, fleet.model, fleet.prompt_mode      # what the replay sends to
+        fleet.router_pids, fleet.fleet_pids               # session leaders, for CPU accounting
+
+Policies:
+  swaserve routers  redis-server + `sim --role prefill` (N workers) + `sim --role decode` + our router
+                    (`python -m services.router.main ... --prefill-policy P`); prompts as token ids
+                    (our router tokenizes text with the model's real tokenizer, not the sims' words).
+  sglang / vllm     `sim --role both` (N workers, HTTP) + the router with `--worker-urls`; prompts
+                    as text, one word per token (the sims' tokenizer), so lengths are exact.
+
+Every process runs in its own session; teardown stops them in reverse order even on errors, and
+CPU time is summed over each session (a router that forks children is still counted whole).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from bench.sim.launch import sim_workers, stop
+from services.common.netutil import free_port
+from services.common.redis_server import RedisServer
+from services.common.registry import WorkerRegistry
+
+RouterKind = Literal["swaserve", "sglang", "vllm"]
+OUR_MODEL = "mimo-tiny"  # our router reads its tokenizer and the SWA window (128) from this model
+TEXT_MODEL = "mimo-v2-flash-sim"  # the name role-`both` sims serve to the text routers
+MAX_CONTEXT = 262_144  # the sims' default; our router would otherwise take mimo-tiny's 4096
+VLLM_ROUTER = Path(sys.executable).with_name("vllm-router")
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str  # as in the table
+    router: RouterKind
+    arg: str  # our --prefill-policy, or the other router's --policy
+
+    @property
+    def prompt_mode(self) -> str:
+        return "ids" if self.router == "swaserve" else "text"
+
+
+POLICIES = {
+    p.name: p
+    for p in (
+        Policy("round-robin", "sglang", "round_robin"),
+        Policy("least-load", "swaserve", "load"),
+        Policy("swaserve-seed", "swaserve", "seed"),
+        Policy("swaserve-cost", "swaserve", "cost"),
+        Policy("sglang-cache-aware", "sglang", "cache_aware"),
+        Policy("vllm-cache-aware", "vllm", "cache_aware"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    workers: int  # prefill workers (role both: the workers)
+    time_scale: float
+    queue_policy: str | None = None  # prefill queue order; None: the sim's default for the role
+    capacity_tokens: int = 1 << 20  # full-pool KV per worker (the sim's default)
+    decode_workers: int = 2  # ours only; each big enough that Reserve never refuses
+    decode_capacity_tokens: int = 1 << 26
+    heartbeat_ttl: float = 3.0
+    window: int = 128  # the sims' cache window (MiMo-V2-Flash: 128); 0: every cached prefix reusable
+
+
+@dataclass
+class Fleet:
+    target: str
+    model: str
+    prompt_mode: str
+    router_pids: list[int] = field(default_factory=list)
+    fleet_pids: list[int] = field(default_factory=list)  # sims (+ redis)
+    sim_logs: list[Path] = field(default_factory=list)
+    worker_urls: list[str] = field(default_factory=list)  # role both: each worker's HTTP base
+    redis_url: str = ""  # ours: the registry holding the prefill workers' loads
+
+    def backlogs(self) -> list[int]:
+        """Prompt tokens queued or in prefill on each prefill worker, now (a diagnostic of balance)."""
+        if self.redis_url:
+            records = WorkerRegistry(self.redis_url).list(role="prefill", model=self.model)
+            return [r.queued_tokens for r in records]
+        return [int(httpx.get(f"{u}/get_load", timeout=2).json()["queued_tokens"]) for u in self.worker_urls]
+
+
+def _sim_flags(spec: FleetSpec, model: str) -> list[str]:
+    flags = ["--model", model, "--time-scale", f"{spec.time_scale:g}", "--log-level", "WARNING",
+             "--max-total-tokens", str(spec.capacity_tokens), "--window", str(spec.window)]  # fmt: skip
+    if spec.queue_policy:
+        flags += ["--queue-policy", spec.queue_policy]
+    return flags
+
+
+def router_argv(
+    policy: Policy, port: int, workers: list[str], redis_url: str = "", window: int = 128
+) -> list[str]:
+    if policy.router == "swaserve":
+        return [sys.executable, "-m", "services.router.main", "--host", "127.0.0.1", "--port", str(port),
+                "--model", OUR_MODEL, "--redis-url", redis_url, "--kv-transport", "grpc",
+                "--max-context", str(MAX_CONTEXT), "--prefill-policy", policy.arg,
+                "--kv-window", str(window), "--log-level", "warning"]  # fmt: skip
+    common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers, "--policy", policy.arg,
+              "--prometheus-port", str(free_port())]  # fmt: skip
+    if policy.router == "sglang":
+        return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
+    return [str(VLLM_ROUTER), *common, "--log-level", "warning"]
+
+
+@contextmanager
+def _process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def _wait(ready: object, proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 90) -> None:
+    """Poll `ready()` until true; fail with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if ready():  # type: ignore[operator]
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready in {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def _ours_ready(base: str, spec: FleetSpec) -> bool:
+    h = httpx.get(f"{base}/health", timeout=2).json()
+    if h.get("prefill_workers") != spec.workers or h.get("decode_workers") != spec.decode_workers:
+        return False
+    metrics = httpx.get(f"{base}/metrics", timeout=2).text
+    return "swaserve_router_index_usable 1" in metrics
+
+
+def _text_router_ready(base: str) -> bool:  # ready once it routes a request (2 tokens, off the page grid)
+    body = {"model": TEXT_MODEL, "prompt": "t1 t2", "max_tokens": 1}
+    return httpx.post(f"{base}/v1/completions", json=body, timeout=5).status_code == 200
+
+
+@contextmanager
+def start_fleet(policy: Policy, spec: FleetSpec, logdir: Path) -> Iterator[Fleet]:
+    """A fresh fleet for one run; everything stopped on exit, errors included."""
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with ExitStack() as stack:
+        if policy.router == "swaserve":
+            redis = stack.enter_context(RedisServer(log_path=logdir / "redis.log"))
+            assert redis.proc is not None
+            common = [*_sim_flags(spec, OUR_MODEL), "--redis-url", redis.url,
+                      "--heartbeat-ttl", f"{spec.heartbeat_ttl:g}"]  # fmt: skip
+            prefill = stack.enter_context(
+                sim_workers("prefill", spec.workers, *common, log=logdir / "sim-prefill.log")
+            )
+            decode_flags = [*common, "--max-total-tokens", str(spec.decode_capacity_tokens)]
+            decode = stack.enter_context(
+                sim_workers("decode", spec.decode_workers, *decode_flags, log=logdir / "sim-decode.log")
+            )
+            argv = router_argv(policy, port, [], redis.url, spec.window)
+            router = stack.enter_context(_process(argv, logdir / "router.log"))
+            _wait(lambda: _ours_ready(base, spec), router, logdir / "router.log", "our router")
+            fleet = Fleet(base, OUR_MODEL, policy.prompt_mode, [router.pid],
+                          [prefill.proc.pid, decode.proc.pid, redis.proc.pid],
+                          [prefill.log, decode.log], redis_url=redis.url)  # fmt: skip
+        else:
+            sims = stack.enter_context(
+                sim_workers("both", spec.workers, *_sim_flags(spec, TEXT_MODEL), log=logdir / "sim-both.log")
+            )
+            argv = router_argv(policy, port, sims.workers)
+            router = stack.enter_context(_process(argv, logdir / f"{policy.router}-router.log"))
+            _wait(lambda: _text_router_ready(base), router, logdir / f"{policy.router}-router.log",
+                  f"{policy.router}-router")  # fmt: skip
+            fleet = Fleet(base, TEXT_MODEL, policy.prompt_mode, [router.pid], [sims.proc.pid], [sims.log],
+                          worker_urls=sims.workers)  # fmt: skip
+        yield fleet
+
+
+# -- CPU accounting -------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores, /proc/stat: user..steal, not idle or iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def session_cpu_seconds(leaders: list[int]) -> float:
+    """utime + stime of every live process in the sessions led by `leaders` (from /proc)."""
+    want, total = set(leaders), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        # after "pid (comm)": state ppid pgrp session ... utime(12) stime(13)
+        if int(fields[3]) in want:
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK

@@ -1,0 +1,240 @@
+"""bench/compare_routers.py: the pure pieces on hand-made data (long/short split, goals, capacity bound,
+table, run planning), and one short live run of the harness on a hand-made 20-request trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.compare import analysis
+from bench.compare.analysis import Goal, SplitP90
+from bench.compare.fleet import POLICIES, FleetSpec, session_cpu_seconds
+from bench.compare.run import RunSpec, Workload, backlog_figures
+from bench.compare_routers import _better, main, time_scale
+from bench.replay.ideal import ideal_hit_rate
+from bench.replay.plan import PlannedRequest
+
+
+def _row(length: int, ttft: float, ok: bool = True) -> dict[str, object]:
+    return {"input_length": length, "ttft_ms": ttft, "ok": ok}
+
+
+def test_split_at_the_median_length_gives_each_side_its_own_p90() -> None:
+    # lengths 100..1000; the slow one of length 1000 failed and counts for the median only
+    rows = [_row(100 * i, float(i)) for i in range(1, 10)] + [_row(1000, 1e6, ok=False)]
+    threshold = analysis.median_length(rows)
+    assert threshold == 550.0
+    split = analysis.split_p90(rows, threshold)
+    assert (split.long_count, split.short_count) == (4, 5)  # 600..900 ok; 100..500
+    assert split.short_p90_ms == pytest.approx(4.6)  # of 1..5: rank 3.6
+    assert split.long_p90_ms == pytest.approx(8.7)  # of 6..9: rank 2.7
+
+
+@pytest.mark.parametrize(
+    ("value", "target", "higher", "met", "margin"),
+    [(95.0, 90.0, True, True, 5.0), (85.0, 90.0, True, False, -5.0), (-3.0, 0.0, False, True, 3.0),
+     (4.0, 0.0, False, False, -4.0)],
+)  # fmt: skip
+def test_goal_verdict_and_margin(value: float, target: float, higher: bool, met: bool, margin: float) -> None:
+    g = Goal("g", "scope", value, target, higher, "%")
+    assert g.met is met and g.margin == pytest.approx(margin)
+    assert g.line().startswith("- MET" if met else "- MISSED")
+
+
+def _summary(policy: str, workers: int = 8, **kw: object) -> dict[str, object]:
+    base = {"policy": policy, "workers": workers, "completed": 100, "hit_rate": 0.2, "hit_ratio": 0.5,
+            "p90_ttft_ms": 1000.0}  # fmt: skip
+    return base | kw
+
+
+def test_group_goals_against_round_robin_and_sglang() -> None:
+    runs = [
+        _summary("round-robin", hit_rate=0.20),
+        _summary("swaserve-seed", hit_rate=0.30, hit_ratio=0.95, p90_ttft_ms=800.0),
+        _summary("sglang-cache-aware", p90_ttft_ms=1000.0),
+    ]
+    goals = {g.name: g for g in analysis.group_goals(runs, "conv 8")}
+    assert goals["swaserve-seed hit rate / ideal"].value == pytest.approx(95.0)
+    assert goals["swaserve-seed hit rate / ideal"].met
+    assert goals["swaserve-seed hit rate over round-robin"].value == pytest.approx(50.0)
+    cut = goals["swaserve-seed P90 TTFT below sglang cache_aware"]
+    assert cut.value == pytest.approx(20.0) and not cut.met and cut.margin == pytest.approx(-10.0)
+    # hit-rate goals are for 8 workers only; the TTFT goal holds at every size
+    names = [
+        g.name
+        for g in analysis.group_goals([_summary("swaserve-seed", 32), _summary("sglang-cache-aware", 32)], "")
+    ]
+    assert names == ["swaserve-seed P90 TTFT below sglang cache_aware"]
+
+
+def test_queue_goals_need_a_long_cut_and_no_short_rise() -> None:
+    fcfs = SplitP90(500, long_p90_ms=1000.0, short_p90_ms=200.0, long_count=5, short_count=5)
+    good = SplitP90(500, long_p90_ms=600.0, short_p90_ms=190.0, long_count=5, short_count=5)
+    bad = SplitP90(500, long_p90_ms=900.0, short_p90_ms=250.0, long_count=5, short_count=5)
+    assert [g.met for g in analysis.queue_goals(good, fcfs, "")] == [True, True]
+    cut, rise = analysis.queue_goals(bad, fcfs, "")
+    assert not cut.met and cut.value == pytest.approx(10.0)
+    assert not rise.met and rise.value == pytest.approx(25.0)
+
+
+def _req(i: int, ids: tuple[int, ...], length: int, block: int = 4) -> PlannedRequest:
+    return PlannedRequest(index=i, send_at_s=float(i), input_length=length, output_length=1, hash_ids=ids,
+                          block_size=block)  # fmt: skip
+
+
+def test_lru_bound_loses_evicted_prefixes_and_equals_the_ideal_when_nothing_is_evicted() -> None:
+    reqs = [_req(0, (1, 2), 8), _req(1, (3, 4), 8), _req(2, (1, 2, 5), 10), _req(3, (3, 4), 8)]
+    assert analysis.lru_bound(reqs, 1 << 30) == pytest.approx(ideal_hit_rate(reqs)) == pytest.approx(16 / 34)
+    # room for 4 blocks: request 2 still finds 1, 2 (8 hit tokens), then its block 5 evicts 3 and request 3
+    # misses; room for 2 blocks: every prefix is gone before it comes back
+    assert analysis.lru_bound(reqs, 16) == pytest.approx(8 / 34)
+    assert analysis.lru_bound(reqs, 8) == pytest.approx(0.0)
+
+
+def test_missed_hits_split_into_prefixes_in_flight_and_prefixes_already_cached() -> None:
+    def row(i: int, length: int, start: float, ideal: int, cached: int) -> dict[str, object]:
+        return {"index": i, "ok": True, "input_length": length, "started_s": start, "ttft_ms": 100.0,
+                "ideal_hit_tokens": ideal, "cached_tokens": cached}  # fmt: skip
+
+    blocks = {0: (1, 2), 1: (1, 2, 3), 2: (1, 2, 4)}
+    rows = [row(0, 1024, 0.0, 0, 0), row(1, 1500, 0.05, 1024, 0), row(2, 1500, 1.0, 1024, 512)]
+    # request 1 left before request 0's prefill ended (0.1 s): in flight; request 2 came later and got half
+    loss = analysis.hit_loss(rows, blocks, 512)
+    assert loss == {"in_flight": pytest.approx(1024 / 4024), "available": pytest.approx(512 / 4024)}
+
+
+def _full_summary(policy: str, **kw: object) -> dict[str, object]:
+    s = {"policy": policy, "workload": {"time_scale": 1.5}, "hit_rate": 0.1234, "hit_ratio": 0.9, "mean_ttft_ms": 321.4,
+         "p90_ttft_ms": 654.0, "p99_ttft_ms": 1234.0, "request_throughput": 20.5, "input_throughput": 250000.0,
+         "router_cpu_ms_per_req": 7.25, "router_core_util": 0.17, "fleet_cpu_ms_per_req": 13.0,
+         "fleet_core_util": 0.36, "failed": 1, "sent": 260, "backlog_imbalance": 2.345,
+         "other_cpu_cores": 0.071}  # fmt: skip
+    return s | kw
+
+
+def test_table_has_one_row_per_run_with_the_header_width() -> None:
+    text = analysis.format_table(
+        [_full_summary("swaserve-seed"), {"policy": "vllm-cache-aware", "error": "boom"}]
+    )
+    lines = text.splitlines()
+    assert len(lines) == 4
+    widths = {line.count("|") for line in lines}
+    assert widths == {15}  # 14 columns
+    assert lines[2] == (
+        "| swaserve-seed | 1.5 | 12.3% | 90.0% | 321 | 654 | 1,234 | 20.50 | 250,000 | 2.35 | 7.2 (17%) | 13.0 (36%) "
+        "| 0.07 | 1/260 |"
+    )
+    assert "run failed: boom" in lines[3]
+
+
+def test_time_scale_keeps_the_wall_rate_and_slows_vllm_with_many_workers() -> None:
+    a = argparse.Namespace(time_scale=None, wall_rate=32.0, max_time_scale=4.0)
+    assert time_scale(a, "swaserve-seed", 8, 16.0) == 2.0
+    assert time_scale(a, "swaserve-seed", 8, 2.0) == 4.0  # capped
+    assert time_scale(a, "vllm-cache-aware", 8, 16.0) == 1.0  # renders on every worker: 4 / 8 of the rate
+    assert time_scale(a, "vllm-cache-aware", 32, 16.0) == 0.25
+    assert time_scale(argparse.Namespace(time_scale=3.0), "vllm-cache-aware", 32, 16.0) == 3.0
+
+
+def test_backlog_imbalance_is_busiest_over_mean_on_busy_samples() -> None:
+    f = backlog_figures([[0, 0], [10, 0], [5, 5], [0, 0, 9]])
+    assert f["backlog_busy_samples"] == 3
+    assert f["backlog_imbalance"] == pytest.approx((10 + 5 + 9) / (5 + 5 + 3))
+    assert f["backlog_max_tokens"] == pytest.approx(8.0) and f["backlog_mean_tokens"] == pytest.approx(13 / 3)
+    assert backlog_figures([[0, 0]])["backlog_imbalance"] is None
+
+
+def test_a_retry_is_kept_only_if_it_ran_with_less_other_work() -> None:
+    calm, busy, failed = {"other_cpu_cores": 0.05}, {"other_cpu_cores": 0.8}, {"error": "boom"}
+    assert _better(busy, None) and _better(calm, failed) and _better(calm, busy)
+    assert not _better(busy, calm) and not _better(failed, busy)
+
+
+def test_run_keys_tell_window_and_queue_policy_apart() -> None:
+    w = Workload(Path("x/conversation_trace.jsonl"), 0, 60, 8, 1)
+    keys = {RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, queue_policy=q, window=win)).key
+            for q in (None, "fcfs") for win in (0, 128)}  # fmt: skip
+    assert len(keys) == 4 and all(k.startswith("conversation-w8-x8-") for k in keys)
+
+
+def test_session_cpu_counts_a_busy_child_in_its_own_session() -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while session_cpu_seconds([proc.pid]) < 0.3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert session_cpu_seconds([proc.pid]) < 5
+        assert session_cpu_seconds([os.getpid() + 10**7]) == 0.0  # no such session
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -- live ---------------------------------------------------------------------------------------
+def _trace(path: Path) -> None:
+    """20 requests, one a second: 4 conversations of 5 turns; a turn shares the previous turn's full blocks
+    and replaces its partial last block, as in Mooncake's conversation trace."""
+    lines, next_id = [], 0
+    convs: list[list[int]] = [[] for _ in range(4)]
+    for i in range(20):
+        ids = convs[i % 4]
+        ids += [next_id, next_id + 1]  # two more 512-token blocks, the last partial
+        next_id += 2
+        length = 512 * (len(ids) - 1) + 200
+        lines.append(
+            json.dumps({"timestamp": 1000 * i, "input_length": length, "output_length": 4, "hash_ids": ids})
+        )
+        ids[-1] = next_id  # the partial block becomes a full one with other content next turn
+        next_id += 1
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _available(policy: str) -> bool:
+    if POLICIES[policy].router != "sglang":
+        return True
+    try:
+        import sglang_router  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_harness_runs_two_policies_on_fresh_fleets_and_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.engine.model_store import resolve_model
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server")
+    resolve_model("mimo-tiny")  # our router reads its tokenizer from it
+    policies = ["swaserve-seed", "round-robin" if _available("round-robin") else "least-load"]
+    trace = tmp_path / "conv_trace.jsonl"
+    _trace(trace)
+    out = tmp_path / "out"
+    argv = ["--trace", str(trace), "--out-dir", str(out), "--workers", "2", "--policies", ",".join(policies),
+            "--duration", "100", "--rate-scale", "1", "--time-scale", "10", "--sweep", "", "--hybrid-policies", "",
+            "--no-queue-policy"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "compare.json").read_text())
+    runs = list(results["runs"].values())
+    assert [r["policy"] for r in runs] == policies
+    for r in runs:
+        assert r["sent"] == r["completed"] == 20 and r["failed"] == 0, r
+        assert 0 < r["hit_rate"] <= r["ideal_hit_rate"] + 1e-9
+        assert r["workload"]["time_scale"] == 10
+        assert r["router_cpu_ms_per_req"] > 0 and r["fleet_cpu_ms_per_req"] > 0
+        for pid in r["pids"]["router"] + r["pids"]["fleet"]:
+            assert not Path(f"/proc/{pid}").exists(), f"process {pid} left running"
+    assert printed.splitlines()[-1].startswith(f"| {policies[-1]} |")  # the table comes last
+    assert "SIMULATED" in printed and "duration 100 s" in printed
