@@ -34,7 +34,7 @@ test-all: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services swaserve bench/replay bench/sim bench/word_tokens.py
+	$(VENV)/bin/mypy services swaserve bench/replay bench/sim bench/compare bench/compare_routers.py bench/word_tokens.py
 
 bench: setup
 	$(PY) bench/engine.py --quick
