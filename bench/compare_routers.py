@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no runs: report from --out-dir's compare.json (same flags)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep --out-dir's runs; redo only missing, failed or disturbed ones",
+    )
     return p
 
 
@@ -202,12 +207,11 @@ def run_all(
     """Every run once; then, up to --retries passes, again each run that failed or shared the machine
     with more than --max-other-cpu cores of other work, keeping the attempt with the least of it."""
     unique = {r.key: r for runs in sections.values() for r in runs}
-    todo = list(unique)
-    for attempt in range(1 + a.retries):
+    todo = [k for k in unique if k not in results["runs"] or _busy(results["runs"][k], a.max_other_cpu)]
+    for _ in range(1 + a.retries):
         for i, key in enumerate(todo, 1):
-            t0, run = time.monotonic(), unique[key]
-            s = _one(run, out, attempt)
-            old = results["runs"].get(key)
+            t0, run, old = time.monotonic(), unique[key], results["runs"].get(key)
+            s = _one(run, out, len((old or {}).get("attempts", [])))
             tries = (old or {}).get("attempts", []) + [
                 {k: s.get(k) for k in ("other_cpu_cores", "p90_ttft_ms", "hit_rate", "error")}
             ]
@@ -221,7 +225,7 @@ def run_all(
                 f"{s['fleet_core_util']:.0%} client {s['client_core_util']:.0%} of a core, other work "
                 f"{s['other_cpu_cores']:.2f} cores"
             )
-            print(f"[{'retry ' * bool(attempt)}{i}/{len(todo)}] {key} K={run.workload.time_scale:g}: {brief} "
+            print(f"[{'retry ' * bool(old)}{i}/{len(todo)}] {key} K={run.workload.time_scale:g}: {brief} "
                   f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
         todo = [k for k in todo if _busy(results["runs"][k], a.max_other_cpu)]
     return results
@@ -353,7 +357,7 @@ def _main(a: argparse.Namespace) -> int:
     sections = plan_sections(a)
     setup = {k: v for k, v in vars(a).items() if k != "base_rates"}
     results: dict[str, Any] = {"simulated": True, "setup": setup, "runs": {}, "sections": {}}
-    if a.report_only:
+    if a.report_only or a.resume:
         results["runs"] = json.loads((out / "compare.json").read_text())["runs"]
     results["sections"] = {n: [r.key for r in runs] for n, runs in sections.items()}
     if not a.report_only:

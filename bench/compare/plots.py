@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def sweep_plots(summaries: Sequence[Summary], out_dir: Path, title: str) -> list
         ax.set_xscale("log", base=2)
         ax.set_xlabel("offered request rate (req/s of trace time)")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"SIMULATED: {title}", fontsize=9)
+        ks = sorted({(s["offered_rate"], s["workload"]["time_scale"]) for s in ok})
+        note = "time scale K per rate: " + ", ".join(f"{k:g}" for _, k in ks) + " (wall overheads count x K)"
+        ax.set_title("\n".join(textwrap.wrap(f"SIMULATED: {title}", 100) + [note]), fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
