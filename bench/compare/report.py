@@ -1,0 +1,117 @@
+"""The comparison's report: goals, the queue-policy split, and one table per group of runs (markdown).
+
+`a` is compare_routers' resolved argument namespace (slice, scaling, `base_rates` per trace);
+`results` its JSON (runs by key); `sections` the planned runs by section name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.compare import analysis
+from bench.compare.run import RunSpec
+from bench.replay.ideal import ideal_hit_rate
+from bench.replay.plan import Scaling, TraceSlice, plan
+from bench.replay.traces import load_trace
+
+
+def queue_split(results: dict[str, Any], runs: list[RunSpec]) -> dict[str, Any] | None:
+    s = [results["runs"].get(r.key, {}) for r in runs]
+    if any(x.get("error") or "replay_json" not in x for x in s):
+        return None
+    rows = [json.loads(Path(x["replay_json"]).read_text())["requests"] for x in s]
+    threshold = analysis.median_length(rows[0])
+    uf, fc = (analysis.split_p90(r, threshold) for r in rows)
+    return {"threshold": threshold, "uncached-first": vars(uf), "fcfs": vars(fc)}
+
+
+def group_header(a: argparse.Namespace, runs: list[RunSpec]) -> str:
+    r = runs[0]
+    rates = sorted({x.workload.rate_scale for x in runs})
+    offered = ", ".join(f"{a.base_rates[r.workload.trace] * x:.1f}" for x in rates)
+    planned = plan(load_trace(r.workload.trace), TraceSlice(a.start, a.duration), Scaling())
+    cap = r.fleet.workers * r.fleet.capacity_tokens
+    bound = analysis.lru_bound(planned, cap)
+    return (
+        f"{r.workload.trace_name} trace, {r.fleet.workers} prefill workers, rate scale "
+        f"{', '.join(f'{x:g}' for x in rates)} ({offered} req/s offered), sim window "
+        f"{r.fleet.window}; ideal hit rate {100 * ideal_hit_rate(planned):.1f}%, one LRU cache of the fleet's "
+        f"{cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%"
+    )
+
+
+def add_hit_loss(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: dict[str, Any]) -> None:
+    """Each run's missed hits, split into prefixes still in flight and prefixes already cached (JSON only)."""
+    blocks: dict[Path, dict[int, tuple[int, ...]]] = {}
+    for run in {r.key: r for runs in sections.values() for r in runs}.values():
+        s = results["runs"].get(run.key, {})
+        if "replay_json" not in s or not Path(s["replay_json"]).exists():
+            continue
+        trace = run.workload.trace
+        if trace not in blocks:
+            blocks[trace] = {i: r.hash_ids for i, r in enumerate(load_trace(trace).requests)}
+        rows = json.loads(Path(s["replay_json"]).read_text())["requests"]
+        block = Scaling(prompt_scale=a.prompt_scale).block_size(512)
+        s["hit_loss"] = analysis.hit_loss(rows, blocks[trace], block)
+
+
+def report(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    add_hit_loss(a, sections, results)
+    lines = [
+        "# Router comparison (SIMULATED)",
+        "",
+        f"SIMULATED workers (bench/sim: cost model of MiMo-V2-Flash on 8 x H200). Slice: start {a.start:g} s, "
+        f"duration {a.duration:g} s of each trace; max output {a.max_output} tokens (decode is not compared); "
+        f"prompt scale {a.prompt_scale:g}; prompt seed {a.seed}; KV capacity {a.capacity_tokens:,} tokens per "
+        "worker. K = time scale of the run (arrival gaps and sim service times / K, measured times x K). "
+        "CPU: ms per request sent and share of one core during the replay.",
+    ]
+    goals: list[analysis.Goal] = []
+    for name, group in sections.items():
+        if not name.startswith("main"):
+            continue
+        summaries = [runs[r.key] for r in group]
+        goals += analysis.group_goals(
+            [s for s in summaries if s.get("queue_policy") != "fcfs" or s["router"] != "swaserve"], name[5:]
+        )
+    if "queue" in sections and (q := queue_split(results, sections["queue"])):
+        results["queue"] = q
+        uf, fc = (analysis.SplitP90(**q[k]) for k in ("uncached-first", "fcfs"))
+        goals += analysis.queue_goals(uf, fc, f"swaserve-seed, split at {q['threshold']:.0f} tokens (median)")
+        lines += ["", f"## Prefill queue policy behind swaserve-seed (long: input > {q['threshold']:.0f} tokens)", "",
+                  "| queue policy | long P90 TTFT ms (n) | short P90 TTFT ms (n) |", "|---|---|---|"]  # fmt: skip
+        for k, v in (("uncached-first", uf), ("fcfs", fc)):
+            lines.append(
+                f"| {k} | {v.long_p90_ms:,.0f} ({v.long_count}) | {v.short_p90_ms:,.0f} ({v.short_count}) |"
+            )
+    results["goals"] = [vars(g) | {"met": g.met, "margin": g.margin} for g in goals]
+    lines += ["", "## Goals", "", *(g.line() for g in goals)]
+    if results.get("plots"):
+        lines += ["", "Plots: " + ", ".join(results["plots"])]
+    for name in ("sweep", "hybrid"):
+        if name in sections:
+            title = (
+                "Rate sweep"
+                if name == "sweep"
+                else "Hybrid SWA cache (sim window 128), as the engine is built"
+            )
+            lines += ["", f"## {title}: {group_header(a, sections[name])}", ""]
+            lines.append(_table(runs, sections[name], with_rate=name == "sweep"))
+    for name, group in sections.items():
+        if name.startswith("main"):
+            lines += ["", f"## {group_header(a, group)}", ""]
+            lines.append(_table(runs, group))
+    return "\n".join(lines)
+
+
+def _table(runs: dict[str, Any], specs: list[RunSpec], with_rate: bool = False) -> str:
+    """The markdown table of `specs`' runs; policies labelled with the queue policy (and rate)."""
+    rows = []
+    for r in specs:
+        label = r.policy.name + (f" ({r.fleet.queue_policy})" if r.fleet.queue_policy else "")
+        rows.append(runs[r.key] | {"policy": label + (f" x{r.workload.rate_scale:g}" if with_rate else "")})
+    return analysis.format_table(rows)
