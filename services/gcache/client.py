@@ -4,6 +4,7 @@
     report = client.put_many([(key, value), ...])     # PutReport: stored, dropped, errors per key
     got = client.get_many(keys)                       # {key: memoryview}; misses are absent
     n = client.exists_prefix(chained_keys)            # leading keys present on the cluster
+    flags = client.exists_each(keys)                  # per key: present on a live owner
     client.delete(keys); client.stats(); client.close()
 
 Keys are BlockKey, 16 raw bytes, or 128-bit block hashes (keys.py); results are keyed by the
@@ -222,6 +223,11 @@ class GCacheClient:
     # -- exists, delete, stats -------------------------------------------------------------------
     def exists_prefix(self, keys: Sequence[KeyLike]) -> int:
         """How many leading keys are present: the first index no live owner reports present."""
+        present = self.exists_each(keys)
+        return next((i for i, p in enumerate(present) if not p), len(present))
+
+    def exists_each(self, keys: Sequence[KeyLike]) -> list[bool]:
+        """Per key, whether a live owner reports it present (one call per node, in parallel)."""
         ks = [as_key(k) for k in keys]
         owners, nodes, _ = self._placement(ks)
         present = [False] * len(ks)
@@ -237,7 +243,7 @@ class GCacheClient:
                     present[i] = True
 
         self._fan_out(run, _group(owners))
-        return next((i for i, p in enumerate(present) if not p), len(ks))
+        return present
 
     def delete(self, keys: Iterable[KeyLike]) -> int:
         """Delete keys from every owner; returns the number of copies deleted (best effort)."""

@@ -40,6 +40,7 @@ def test_exists_prefix_across_three_nodes_equals_a_reference(redis_server, start
             reference = next((i for i, k in enumerate(chain) if k not in present), len(chain))
             assert c.exists_prefix(chain) == reference, case
             assert c.exists_prefix([int.from_bytes(k, "big") for k in chain]) == reference  # hashes as ints
+            assert c.exists_each(chain) == [k in present for k in chain], case
         assert c.exists_prefix([]) == 0
         per_node = [n.stats().memory_blocks for n in nodes]
         assert all(b > 0 for b in per_node), per_node  # the chains really were spread over all three
