@@ -22,6 +22,7 @@ import grpc
 from bench.sim.decode import SimDecoder
 from bench.sim.engine import PrefillAborted, PrefillFailed, SimEngine
 from bench.sim.stats import SimStats
+from services.common.prompt_wire import parse_prompt
 from services.common.worker_errors import ErrorKind, WorkerError
 from services.proto_gen import worker_pb2, worker_pb2_grpc
 
@@ -59,7 +60,7 @@ class SimPrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if max_tokens < 1:
             raise WorkerError(ErrorKind.INVALID, f"{rid}: max_tokens must be >= 1")
         try:
-            future = self.engine.submit(rid, request.prompt_ids)
+            future = self.engine.submit(rid, parse_prompt(request))
         except ValueError as e:
             raise WorkerError(ErrorKind.INVALID, f"{rid}: {e}") from None
         try:
@@ -139,7 +140,11 @@ class SimDecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         request: worker_pb2.DecodeRequest,
         context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     ) -> AsyncIterator[worker_pb2.DecodeChunk]:
-        stream = self.decoder.decode(request.rid, list(request.prompt_ids), request.sampling.max_tokens)
+        try:
+            prompt = parse_prompt(request)
+        except WorkerError as e:
+            await _abort(context, e)
+        stream = self.decoder.decode(request.rid, prompt, request.sampling.max_tokens)
         try:
             async for chunk in stream:
                 yield worker_pb2.DecodeChunk(

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from services.common.prompt_wire import parse_prompt
 from services.common.sampling_wire import sampling_to_dict
 from services.common.worker_errors import ErrorKind, WorkerError, abort_with
 from services.decode.worker import DecodeJob, DecodeWorker
@@ -46,11 +47,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
         context.add_callback(on_rpc_end)
         try:
-            if not request.rid or not request.prompt_ids:
+            prompt_ids = parse_prompt(request)
+            if not request.rid or not prompt_ids:
                 raise WorkerError(ErrorKind.INVALID, "Decode needs a rid and the prompt ids")
             job = DecodeJob(
                 rid=request.rid,
-                prompt_ids=list(request.prompt_ids),
+                prompt_ids=prompt_ids,
                 first_token=request.first_token,
                 params=parse_sampling(request.sampling, request.rid),
             )

@@ -6,6 +6,7 @@ import threading
 
 import grpc
 
+from services.common.prompt_wire import parse_prompt
 from services.common.sampling_wire import sampling_to_dict
 from services.common.worker_errors import ErrorKind, WorkerError, abort_with
 from services.engine.sampling import SamplingParams
@@ -39,7 +40,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                 raise WorkerError(ErrorKind.INVALID, "rid is required")
             job = PrefillJob(
                 rid=request.rid,
-                prompt_ids=list(request.prompt_ids),
+                prompt_ids=parse_prompt(request),
                 params=parse_sampling(request.sampling, request.rid),
                 decode_addr=request.decode_addr,
                 kv_transport=request.kv_transport,

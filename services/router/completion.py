@@ -75,7 +75,7 @@ class CompletionRun:
 
     async def _open_one(self, index: int) -> Generation:
         job = self.job
-        prompt = list(job.prompts[index // job.n])
+        prompt = job.prompts[index // job.n]
         gen = await self._core.dispatcher.open(
             f"{self.id}-{index}", prompt, job.choice_sampling(index % job.n)
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from services.common.prompt_wire import pack_ids
 from services.proto_gen import worker_pb2
 from services.router.errors import (
     InvalidRequest,
@@ -66,17 +67,18 @@ class Dispatcher:
         self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
 
-    async def open(self, rid: str, prompt_ids: list[int], sampling: Sampling) -> Generation:
+    async def open(self, rid: str, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
         """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
         error: RouterError = NoWorkerAvailable("no worker available")
         prompt = self.routing.prepare(prompt_ids)  # hashed once for every attempt
+        packed = pack_ids(prompt_ids)  # the wire form, also once (one copy of an array("I"))
         failed: set[str] = set()
         for attempt in range(self.settings.max_attempts):
             if attempt and self.metrics is not None:
                 self.metrics.retries.inc()
             try:
                 return await self._open_once(
-                    rid if attempt == 0 else f"{rid}-r{attempt}", prompt_ids, prompt, sampling, failed
+                    rid if attempt == 0 else f"{rid}-r{attempt}", packed, prompt, sampling, failed
                 )
             except _Unreachable as e:
                 error = e.error
@@ -101,14 +103,14 @@ class Dispatcher:
         return decision
 
     async def _open_once(
-        self, rid: str, prompt_ids: list[int], prompt: Prompt, sampling: Sampling, failed: Collection[str]
+        self, rid: str, packed: bytes, prompt: Prompt, sampling: Sampling, failed: Collection[str]
     ) -> Generation:
         decision = self.route(prompt, sampling, failed)
-        decode = await self._reserve(rid, decision.decode_ranking, len(prompt_ids), sampling.max_tokens)
+        decode = await self._reserve(rid, decision.decode_ranking, len(prompt.token_ids), sampling.max_tokens)
         prefill = decision.prefill
         request = worker_pb2.PrefillRequest(
             rid=rid,
-            prompt_ids=prompt_ids,
+            prompt_ids_packed=packed,
             sampling=sampling.to_proto(),
             decode_addr=decode.addr,
             kv_transport=self.settings.kv_transport,
@@ -135,7 +137,7 @@ class Dispatcher:
             _check_finish(reply.finish_reason, "prefill")
         first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
         return Generation(
-            self, rid, decode.addr, prompt_ids, sampling, first, reply.cached_tokens, reply.cached_tokens_l2
+            self, rid, decode.addr, packed, sampling, first, reply.cached_tokens, reply.cached_tokens_l2
         )
 
     async def _reserve(
@@ -221,7 +223,7 @@ class Generation:
         dispatcher: Dispatcher,
         rid: str,
         decode_addr: str,
-        prompt_ids: list[int],
+        packed_prompt: bytes,
         sampling: Sampling,
         first: TokenChunk,
         cached_tokens: int,
@@ -230,7 +232,7 @@ class Generation:
         self._d = dispatcher
         self.rid = rid
         self.decode_addr = decode_addr
-        self._prompt_ids = prompt_ids
+        self._packed_prompt = packed_prompt  # prompt_wire.pack_ids
         self._sampling = sampling
         self.first = first
         self.cached_tokens = cached_tokens
@@ -248,7 +250,7 @@ class Generation:
             request = worker_pb2.DecodeRequest(
                 rid=self.rid,
                 sampling=self._sampling.to_proto(),
-                prompt_ids=self._prompt_ids,
+                prompt_ids_packed=self._packed_prompt,
                 first_token=self.first.token_ids[0],
             )
             call = self._d.clients.decode(self.decode_addr).Decode(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.sampling_wire import sampling_to_proto
@@ -29,9 +30,10 @@ class Sampling:
 
 @dataclass(frozen=True)
 class CompletionJob:
-    """One API request: every prompt sampled n times. Choice index = prompt index * n + j."""
+    """One API request: every prompt sampled n times. Choice index = prompt index * n + j.
+    The prompts are not modified once in a job (the router holds them as array("I"))."""
 
-    prompts: tuple[tuple[int, ...], ...]
+    prompts: tuple[Sequence[int], ...]
     sampling: Sampling
     n: int = 1
 

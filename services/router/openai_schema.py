@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 32
@@ -18,6 +19,8 @@ MAX_STOP_STRINGS = 16  # the engine's limit (services/engine/sampling.py)
 MAX_SEED = 2**63  # proto int64, non-negative: the engine rejects negative seeds
 MAX_COMPLETION_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
+
+TokenIds = array.array  # array("I") of validated token ids: hashed and sent packed without a copy
 
 
 class StreamOptions(BaseModel):
@@ -140,7 +143,7 @@ class ChatCompletionRequest(GenerationRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+PromptInput = str | list[str] | TokenIds | list[list[int]]  # a flat id list arrives as an array("I")
 
 
 class CompletionRequest(GenerationRequest):
@@ -157,9 +160,10 @@ class CompletionRequest(GenerationRequest):
             return v
         if not isinstance(v, list) or not v:
             raise ValueError("must be a string, a list of strings, a list of token ids or a list of lists")
+        ids = _token_ids(v)
+        if ids is not None:
+            return ids
         if all(isinstance(p, str) for p in v):
-            return v
-        if _token_ids(v):
             return v
         if all(isinstance(p, list) and p and all(_is_token(t) for t in p) for p in v):
             return v
@@ -192,15 +196,17 @@ class CompletionRequest(GenerationRequest):
         return self.max_tokens
 
 
-def _token_ids(v: list[Any]) -> bool:
-    """A flat list of token ids: JSON ints (bools excluded) in [0, 2**32). Two C-speed passes."""
-    if set(map(type, v)) != {int}:
-        return False
+def _token_ids(v: list[Any]) -> TokenIds | None:
+    """A flat list of token ids (JSON ints in [0, 2**32), bools excluded) as an array("I"), else
+    None. Two C-speed passes: the array takes ints and bools only, and bools are found in the
+    list's JSON (digits, commas and brackets unless a true or false is there)."""
     try:
-        array.array("I", v)
-    except OverflowError:
-        return False
-    return True
+        ids = array.array("I", v)
+    except (OverflowError, TypeError):
+        return None
+    if b"e" in orjson.dumps(v):  # "true" / "false"
+        return None
+    return ids
 
 
 def _is_token(t: Any) -> bool:

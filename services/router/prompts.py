@@ -6,20 +6,25 @@ max_position_embeddings (or the router's setting). A prompt must leave room for 
 
 from __future__ import annotations
 
+import array
+
+import numpy as np
+
+from services.common.prompt_wire import token_array
 from services.router.errors import ContextLengthExceeded, InvalidRequest
 from services.router.job import CompletionJob, Sampling
-from services.router.openai_schema import ChatCompletionRequest, CompletionRequest
+from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, TokenIds
 from services.router.settings import RouterSettings
 from services.router.tokenization import RouterTokenizer
 
 
 def chat_job(req: ChatCompletionRequest, tok: RouterTokenizer, settings: RouterSettings) -> CompletionJob:
-    prompt = tok.chat_prompt(req.messages)
+    prompt = token_array(tok.chat_prompt(req.messages))
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(
         [prompt], req.token_limit, None, _context(tok, settings), "messages", limit_param
     )
-    return CompletionJob((tuple(prompt),), _sampling(req, max_tokens, req.logprobs), req.n)
+    return CompletionJob((prompt,), _sampling(req, max_tokens, req.logprobs), req.n)
 
 
 def completion_job(req: CompletionRequest, tok: RouterTokenizer, settings: RouterSettings) -> CompletionJob:
@@ -33,21 +38,22 @@ def completion_job(req: CompletionRequest, tok: RouterTokenizer, settings: Route
         "max_tokens",
     )
     sampling = _sampling(req, max_tokens, req.logprobs is not None)
-    return CompletionJob(tuple(tuple(p) for p in prompts), sampling, req.n)
+    return CompletionJob(tuple(prompts), sampling, req.n)
 
 
-def completion_prompts(req: CompletionRequest, tok: RouterTokenizer) -> list[list[int]]:
-    """`prompt` as the spec allows it: text, list of texts, token ids, list of token-id lists."""
+def completion_prompts(req: CompletionRequest, tok: RouterTokenizer) -> list[TokenIds]:
+    """`prompt` as the spec allows it: text, list of texts, token ids, list of token-id lists;
+    each prompt as an array("I") (hashed and sent packed as it is)."""
     p = req.prompt
-    prompts: list[list[int]] = []
-    for item in [p] if isinstance(p, str) or isinstance(p[0], int) else p:
+    prompts: list[TokenIds] = []
+    for item in [p] if isinstance(p, str | array.array) else p:
         if isinstance(item, str):
-            prompts.append(tok.encode(item))
+            prompts.append(token_array(tok.encode(item)))
         else:
-            prompts.append(list(item))  # validated ints (openai_schema)
+            prompts.append(token_array(item))  # validated ints (openai_schema)
     vocab = tok.info.vocab_size
     for ids in prompts:
-        if ids and max(ids) >= vocab:
+        if ids and int(np.frombuffer(ids, dtype=np.uint32).max()) >= vocab:
             raise InvalidRequest(
                 f"prompt token ids must be below the vocabulary size {vocab}", param="prompt"
             )
@@ -59,7 +65,7 @@ def _context(tok: RouterTokenizer, settings: RouterSettings) -> int:
 
 
 def _max_tokens(
-    prompts: list[list[int]],
+    prompts: list[TokenIds],
     requested: int | None,
     default: int | None,
     max_context: int,

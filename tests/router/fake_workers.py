@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import grpc
 from tokenizers import Tokenizer
 
+from services.common.prompt_wire import prompt_ids_of
 from services.proto_gen import worker_pb2, worker_pb2_grpc
 
 REPLIES: dict[str, str] = {
@@ -151,13 +152,13 @@ class FakeDecodeWorker(worker_pb2_grpc.DecodeWorkerServicer):
             landed = _LANDED[self.addr].pop(request.rid, None)
         if request.rid not in self.reserved:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Decode without Reserve")
-        if landed is None or landed != list(request.prompt_ids):
+        if landed is None or landed != prompt_ids_of(request):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Decode before the KV landed")
         sampling = worker_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
         if not self.honour_stop:
             del sampling.stop[:]
-        tokens, reason, matched = self.model.generate(list(request.prompt_ids), sampling, request.rid)
+        tokens, reason, matched = self.model.generate(prompt_ids_of(request), sampling, request.rid)
         if tokens[0] != request.first_token:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first token differs from prefill's")
         gone = threading.Event()
@@ -230,7 +231,7 @@ class FakePrefillWorker(worker_pb2_grpc.PrefillWorkerServicer):
             context.abort(self.fail_with, self.fail_details)
         if self.delay_s:
             time.sleep(self.delay_s)
-        prompt = list(request.prompt_ids)
+        prompt = prompt_ids_of(request)
         cached = max((_common_prefix(prompt, seen) for seen in self._seen), default=0)
         self._seen.append(prompt)
         with _LANDED_LOCK:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.prompt_wire import prompt_ids_of
 from services.router.openai_schema import ChatMessage
 from services.router.tokenization import RouterTokenizer
 from tests.router.conftest import MODEL, Cluster
@@ -51,11 +52,13 @@ def test_chat_greedy_text_and_usage(fakes: Cluster, tok: RouterTokenizer) -> Non
     # the router sent what the protocol says: Reserve, then Prefill naming the decode worker, then Decode
     req = fakes.prefill.requests[-1]
     assert req.decode_addr == fakes.decode.addr
-    assert req.rid in fakes.decode.reserved and fakes.decode.reserved[req.rid].prompt_len == len(
-        req.prompt_ids
-    )
+    prompt = prompt_ids_of(req)
+    assert len(prompt) == _chat_prompt_len(tok, content)
+    assert len(req.prompt_ids) == 0  # the prompt travels packed
+    assert req.rid in fakes.decode.reserved and fakes.decode.reserved[req.rid].prompt_len == len(prompt)
     assert fakes.decode.decode_requests[-1].rid == req.rid
-    assert req.sampling.temperature == 0 and req.sampling.max_tokens == 256 - len(req.prompt_ids)
+    assert prompt_ids_of(fakes.decode.decode_requests[-1]) == prompt
+    assert req.sampling.temperature == 0 and req.sampling.max_tokens == 256 - len(prompt)
 
 
 def test_cached_tokens_come_from_prefill(fakes: Cluster, tok: RouterTokenizer) -> None:

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from services.common.block_hash import hash_blocks
+from services.common.prompt_wire import prompt_ids_of
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.router.app import create_app
@@ -64,7 +65,7 @@ def complete(router: RouterServer, prompt: list[int]) -> int:
 
 
 def served_by(prefills: list[FakePrefillWorker], prompt: list[int]) -> list[int]:
-    return [i for i, w in enumerate(prefills) if any(list(r.prompt_ids) == prompt for r in w.requests)]
+    return [i for i, w in enumerate(prefills) if any(prompt_ids_of(r) == prompt for r in w.requests)]
 
 
 def metric(text: str, name: str) -> float:
@@ -88,7 +89,7 @@ def test_the_holder_gets_the_request_with_the_uncached_estimate(model_dir: Path,
     finally:
         router.close()
     assert served_by(prefills, hit) == [1]
-    sent = {tuple(r.prompt_ids): r.uncached_tokens for w in prefills for r in w.requests}
+    sent = {tuple(prompt_ids_of(r)): r.uncached_tokens for w in prefills for r in w.requests}
     assert sent[tuple(hit)] == 100 - 96 and sent[tuple(miss)] == 70
     assert metric(text, 'swaserve_router_decisions_total{reason="cache_hit"}') == 1
     assert metric(text, 'swaserve_router_decisions_total{reason="cache_miss"}') == 1
