@@ -40,6 +40,7 @@ from bench.compare.plots import sweep_plots  # noqa: E402
 from bench.compare.report import group_header, report  # noqa: E402
 from bench.compare.run import RunSpec, Workload, execute  # noqa: E402
 from bench.replay.plan import Scaling, TraceSlice, plan  # noqa: E402
+from bench.replay.prompts import BLOCK_MODES  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
 
 TRACES = ("mooncake_fast25/conversation_trace.jsonl", "mooncake_fast25/synthetic_trace.jsonl")
@@ -82,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-output", type=int, default=8)
     p.add_argument("--prompt-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1, help="prompt seed, the same for every run")
+    p.add_argument(
+        "--prompt-blocks",
+        choices=BLOCK_MODES,
+        default="continue",
+        help="bench.replay's prompt builder: continue (a next turn starts with the previous prompt) or "
+        "blocks (tokens from hash ids only, the builder before issue 5's rerun)",
+    )
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -152,7 +160,8 @@ def make_run(
 ) -> RunSpec:
     rate = a.base_rates[trace] * x
     k = time_scale(a, policy, workers, rate)
-    w = Workload(trace, a.start, a.duration, x, k, a.max_output, a.prompt_scale, a.seed)
+    w = Workload(trace, a.start, a.duration, x, k, a.max_output, a.prompt_scale, a.seed,
+                 prompt_blocks=a.prompt_blocks)  # fmt: skip
     spec = FleetSpec(workers, k, capacity_tokens=a.capacity_tokens, window=a.window)
     return RunSpec(POLICIES[policy], w, replace(spec, **fleet))
 
@@ -192,6 +201,11 @@ def _busy(s: dict[str, Any], limit: float) -> bool:
     return bool(s.get("error")) or (s.get("other_cpu_cores") or 0.0) > limit
 
 
+def _stale(s: dict[str, Any], run: RunSpec) -> bool:
+    """A kept run made with other prompts (runs before --prompt-blocks used the ids-only builder)."""
+    return s.get("workload", {}).get("prompt_blocks", "blocks") != run.workload.prompt_blocks
+
+
 def _better(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
     """Keep the new attempt of a run rather than the old one: it ran, and with less other work."""
     if old is None or old.get("error"):
@@ -205,7 +219,10 @@ def run_all(
     """Every run once; then, up to --retries passes, again each run that failed or shared the machine
     with more than --max-other-cpu cores of other work, keeping the attempt with the least of it."""
     unique = {r.key: r for runs in sections.values() for r in runs}
-    todo = [k for k in unique if k not in results["runs"] or _busy(results["runs"][k], a.max_other_cpu)]
+    runs = results["runs"]
+    todo = [
+        k for k in unique if k not in runs or _busy(runs[k], a.max_other_cpu) or _stale(runs[k], unique[k])
+    ]
     for _ in range(1 + a.retries):
         for i, key in enumerate(todo, 1):
             t0, run, old = time.monotonic(), unique[key], results["runs"].get(key)

@@ -14,6 +14,7 @@ from typing import Any
 
 from bench.replay.figures import percentile
 from bench.replay.plan import PlannedRequest
+from bench.replay.prompts import NO_CONTINUATIONS, Continuations, block_take
 
 Row = dict[str, Any]  # one request of a --detailed replay JSON
 Summary = dict[str, Any]  # one run, as bench.compare.run.summarize returns it
@@ -107,22 +108,34 @@ def queue_goals(uncached_first: SplitP90, fcfs: SplitP90, scope: str) -> list[Go
 
 
 # -- what the fleet's capacity allows -------------------------------------------------------------
-def lru_bound(planned: Sequence[PlannedRequest], capacity_tokens: int) -> float:
+def lru_bound(
+    planned: Sequence[PlannedRequest], capacity_tokens: int, cont: Continuations = NO_CONTINUATIONS
+) -> float:
     """Hit rate of ONE LRU cache of `capacity_tokens` (the whole fleet's) over the requests in order,
     blocks as the trace's hash ids, every request seen at once: what any router could reach at most
-    with that much KV (per-worker caches only lose to it: duplicates, imbalance, partitioning)."""
-    cache: OrderedDict[int, None] = OrderedDict()
+    with that much KV (per-worker caches only lose to it: duplicates, imbalance, partitioning).
+    Hits as bench.replay.ideal counts them (token-exact; a continued prompt counts whole while the
+    block it ends in is cached), so with no eviction it equals the ideal."""
+    cache: OrderedDict[int, int] = OrderedDict()  # hash id -> most tokens of it cached
     hits = total = 0
-    for r in planned:
+    for k, r in enumerate(planned):
         if not r.hash_ids:
             continue
-        k = 0
-        while k < len(r.hash_ids) and r.hash_ids[k] in cache:
-            k += 1
-        hits += min(k * r.block_size, r.input_length)
+        hit = 0
+        for i, h in enumerate(r.hash_ids):
+            take = block_take(r, i)
+            shared = min(take, cache.get(h, 0))
+            hit += shared
+            if shared < take:
+                break
+        if cont.continued and cont.continued[k]:  # its first new block inherits an earlier last block
+            i = next(i for i, h in enumerate(r.hash_ids) if h in cont.inherit)
+            if hit >= i * r.block_size and cont.inherit[r.hash_ids[i]][0] in cache:
+                hit = max(hit, cont.continued[k])
+        hits += hit
         total += r.input_length
-        for h in r.hash_ids:
-            cache[h] = None
+        for i, h in enumerate(r.hash_ids):
+            cache[h] = max(cache.get(h, 0), block_take(r, i))
             cache.move_to_end(h)
         while len(cache) * r.block_size > capacity_tokens:
             cache.popitem(last=False)
@@ -174,7 +187,12 @@ def format_table(summaries: Sequence[Summary]) -> str:
 
 
 # -- where the missing hits went ----------------------------------------------------------------
-def hit_loss(rows: Sequence[Row], hash_ids: Mapping[int, Sequence[int]], block: int) -> dict[str, float]:
+def hit_loss(
+    rows: Sequence[Row],
+    hash_ids: Mapping[int, Sequence[int]],
+    block: int,
+    inherit: Mapping[int, tuple[int, int]] | None = None,
+) -> dict[str, float]:
     """Split the prompt tokens the ideal hits but the run did not into two kinds, as fractions of all
     prompt tokens of the successful requests:
 
@@ -184,7 +202,9 @@ def hit_loss(rows: Sequence[Row], hash_ids: Mapping[int, Sequence[int]], block: 
       available   some earlier request had finished its prefill: the prefix was cached somewhere
                   (unless evicted) and routing sent this request elsewhere, or it was evicted.
 
-    `hash_ids` maps a row's trace index to its blocks; times are the rows' (trace time)."""
+    `hash_ids` maps a row's trace index to its blocks; times are the rows' (trace time). `inherit`
+    (Continuations.inherit): a hit that ends in a block continuing an earlier prompt is ready when
+    that prompt's last block is."""
     ok = sorted((r for r in rows if r["ok"]), key=lambda r: r["started_s"])
     done_at: dict[int, float] = {}  # hash id at position k-1 -> earliest prefill end of a request holding it
     total = in_flight = available = 0.0
@@ -194,7 +214,10 @@ def hit_loss(rows: Sequence[Row], hash_ids: Mapping[int, Sequence[int]], block: 
         lost = max(0, r["ideal_hit_tokens"] - (r["cached_tokens"] or 0))
         k = -(-r["ideal_hit_tokens"] // block)  # blocks the ideal counts
         if lost and k:
-            ready = done_at.get(ids[k - 1], math.inf)
+            last = ids[k - 1]
+            if last not in done_at and inherit and last in inherit:
+                last = inherit[last][0]  # a continuation: the earlier prompt's last block
+            ready = done_at.get(last, math.inf)
             if ready <= r["started_s"]:
                 available += lost
             else:

@@ -14,7 +14,8 @@ from typing import Any
 from bench.compare import analysis
 from bench.compare.run import RunSpec
 from bench.replay.ideal import ideal_hit_rate
-from bench.replay.plan import Scaling, TraceSlice, plan
+from bench.replay.plan import PlannedRequest, Scaling, TraceSlice, plan
+from bench.replay.prompts import NO_CONTINUATIONS, Continuations
 from bench.replay.traces import load_trace
 
 
@@ -32,15 +33,26 @@ def group_header(a: argparse.Namespace, runs: list[RunSpec]) -> str:
     r = runs[0]
     rates = sorted({x.workload.rate_scale for x in runs})
     offered = ", ".join(f"{a.base_rates[r.workload.trace] * x:.1f}" for x in rates)
-    planned = plan(load_trace(r.workload.trace), TraceSlice(a.start, a.duration), Scaling())
+    planned, cont = _planned(a, r)
     cap = r.fleet.workers * r.fleet.capacity_tokens
-    bound = analysis.lru_bound(planned, cap)
+    bound = analysis.lru_bound(planned, cap, cont)
+    builder = (
+        "turns continue earlier prompts" if r.workload.prompt_blocks == "continue" else "ids-only prompts"
+    )
     return (
         f"{r.workload.trace_name} trace, {r.fleet.workers} prefill workers, rate scale "
         f"{', '.join(f'{x:g}' for x in rates)} ({offered} req/s offered), sim window "
-        f"{r.fleet.window}; ideal hit rate {100 * ideal_hit_rate(planned):.1f}%, one LRU cache of the fleet's "
-        f"{cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%"
+        f"{r.fleet.window}, {builder}; ideal hit rate {100 * ideal_hit_rate(planned, cont.continued or None):.1f}%, "
+        f"one LRU cache of the fleet's {cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%"
     )
+
+
+def _planned(a: argparse.Namespace, r: RunSpec) -> tuple[list[PlannedRequest], Continuations]:
+    """The run's requests (at prompt scale 1: hit rates do not depend on it) and their continuations."""
+    planned = plan(load_trace(r.workload.trace), TraceSlice(a.start, a.duration), Scaling())
+    return planned, Continuations.plan(
+        planned
+    ) if r.workload.prompt_blocks == "continue" else NO_CONTINUATIONS
 
 
 def add_hit_loss(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: dict[str, Any]) -> None:
@@ -55,7 +67,8 @@ def add_hit_loss(a: argparse.Namespace, sections: dict[str, list[RunSpec]], resu
             blocks[trace] = {i: r.hash_ids for i, r in enumerate(load_trace(trace).requests)}
         rows = json.loads(Path(s["replay_json"]).read_text())["requests"]
         block = Scaling(prompt_scale=a.prompt_scale).block_size(512)
-        s["hit_loss"] = analysis.hit_loss(rows, blocks[trace], block)
+        inherit = _planned(a, run)[1].inherit
+        s["hit_loss"] = analysis.hit_loss(rows, blocks[trace], block, inherit)
 
 
 def report(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: dict[str, Any]) -> str:

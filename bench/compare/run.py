@@ -44,6 +44,7 @@ class Workload:
     prompt_scale: float = 1.0
     seed: int = 1
     limit: int | None = None
+    prompt_blocks: str = "continue"  # bench.replay --prompt-blocks: turns continue earlier prompts
 
     @property
     def trace_name(self) -> str:
@@ -55,7 +56,8 @@ class Workload:
                 "--prompt-scale", f"{self.prompt_scale:g}", "--max-output", str(self.max_output),
                 "--rate-scale", f"{self.rate_scale:g}", "--time-scale", f"{self.time_scale:g}",
                 "--target", fleet.target, "--model", fleet.model, "--prompt-mode", fleet.prompt_mode,
-                "--seed", str(self.seed), "--json", str(json_path), "--detailed", "--no-progress"]  # fmt: skip
+                "--seed", str(self.seed), "--prompt-blocks", self.prompt_blocks,
+                "--json", str(json_path), "--detailed", "--no-progress"]  # fmt: skip
         return argv + (["--limit", str(self.limit)] if self.limit else [])
 
 
@@ -69,7 +71,8 @@ class RunSpec:
     def key(self) -> str:
         w, f = self.workload, self.fleet
         qp = f"-{f.queue_policy}" if f.queue_policy else ""
-        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}-{self.policy.name}{qp}"
+        pb = "" if w.prompt_blocks == "continue" else f"-{w.prompt_blocks}"
+        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}-{self.policy.name}{qp}"
 
 
 def _replay(argv: list[str], log: Path, timeout: float) -> tuple[int, float, float]:

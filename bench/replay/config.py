@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bench.replay.client import Endpoint
 from bench.replay.plan import Scaling, TraceSlice
-from bench.replay.prompts import VocabRange
+from bench.replay.prompts import BlockMode, VocabRange
 from bench.replay.traces import TraceFormat
 
 
@@ -18,6 +18,7 @@ class ReplayConfig:
     scaling: Scaling
     endpoint: Endpoint  # model "" until /v1/models answers
     vocab: VocabRange = VocabRange()
+    blocks: BlockMode = "continue"  # continue earlier prompts (bench/replay/prompts.py) or ids only
     seed: int = 0
     concurrency: int | None = None
     json_path: str | None = None

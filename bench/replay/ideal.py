@@ -1,9 +1,23 @@
-"""The trace's ideal prefix-cache hit rate: an infinite cache that has seen every earlier request.
+"""The trace's ideal prefix-cache hit rate: token-exact prefix reuse with an infinite cache that has
+seen every earlier request.
 
-For each request in order, k = the number of its leading hash ids that appeared in any earlier
-request; its hit tokens are min(k * block, input_length) (a shared partial last block counts
-whole). Ideal = sum of hit tokens / sum of input tokens. Hash ids are chained, so a request's
-k-th id seen before means its whole first k blocks were sent before.
+A request's ideal hit is the longest prefix it shares, token for token, with any earlier prompt.
+With prompts built by bench/replay/prompts.py that follows from the hash ids alone. Walk the
+request's blocks in order: a block whose id was sent before shares its tokens up to the longest
+take of that id sent so far (a partial block is the start of its id's full block); the walk stops
+at the first block not shared whole. A block whose id is new shares nothing, unless it continues
+an earlier prompt (`continued`, from `Continuations.plan`): then the request starts with that
+whole earlier prompt. Hit = the longer of the two. Ideal = sum of hits / sum of input tokens.
+
+    earlier  [ 1 ][ 2 ][ 3: 10 ]        block 32
+    later    [ 1 ][ 2 ][ 3: 20 ]        -> 64 + 10 (only 10 tokens of block 3 were ever sent)
+    cont.    [ 1 ][ 2 ][ 4: 10 of 3, 22 own ][ 5 ]   -> 74, the earlier prompt whole
+
+With a hybrid-SWA cache (window W) a hit is only resumable where the window before its end kept
+SWA KV. A hit that ends at an earlier prompt's end (a repeat, a continuation) is, as the engine
+caches prompt ends; one that ends where the request branches off *inside* an earlier prompt needs
+SWA KV there, which the engine keeps only at branch points a later request re-computed. So this is
+the window-W ideal only if every prefix end kept its window; it is the right reference for both.
 
 No real cache beats it: a server's hit is also page-aligned, window-safe, bounded by eviction, by
 which worker holds the prefix, and by the last token it must compute for the first output.
@@ -12,31 +26,29 @@ which worker holds the prefix, and by the last token it must compute for the fir
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+
+from bench.replay.prompts import BlockPrompt, block_take
 
 
-class BlockPrompt(Protocol):
-    @property
-    def input_length(self) -> int: ...
-    @property
-    def hash_ids(self) -> Sequence[int]: ...
-    @property
-    def block_size(self) -> int: ...
-
-
-def ideal_hit_tokens(requests: Iterable[BlockPrompt]) -> list[int]:
-    """Hit tokens of each request under an infinite cache, in the order given."""
-    seen: set[int] = set()
+def ideal_hit_tokens(requests: Iterable[BlockPrompt], continued: Sequence[int] | None = None) -> list[int]:
+    """Hit tokens of each request under an infinite cache, in the order given. `continued[k]`: the
+    length of the earlier prompt request k starts with by continuation (None: no continuations)."""
+    sent: dict[int, int] = {}  # hash id -> most tokens of its block any earlier request held
     hits = []
-    for r in requests:
-        k = 0
-        while k < len(r.hash_ids) and r.hash_ids[k] in seen:
-            k += 1
-        hits.append(min(k * r.block_size, r.input_length))
-        seen.update(r.hash_ids)
+    for k, r in enumerate(requests):
+        hit = 0
+        for i, h in enumerate(r.hash_ids):
+            take = block_take(r, i)
+            shared = min(take, sent.get(h, 0))
+            hit += shared
+            if shared < take:
+                break
+        hits.append(max(hit, continued[k] if continued else 0))
+        for i, h in enumerate(r.hash_ids):
+            sent[h] = max(sent.get(h, 0), block_take(r, i))
     return hits
 
 
-def ideal_hit_rate(requests: Sequence[BlockPrompt]) -> float:
+def ideal_hit_rate(requests: Sequence[BlockPrompt], continued: Sequence[int] | None = None) -> float:
     total = sum(r.input_length for r in requests)
-    return sum(ideal_hit_tokens(requests)) / total if total else 0.0
+    return sum(ideal_hit_tokens(requests, continued)) / total if total else 0.0

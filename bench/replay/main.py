@@ -25,7 +25,14 @@ from bench.replay.config import ReplayConfig, ReplaySetup
 from bench.replay.figures import compute_figures
 from bench.replay.ideal import ideal_hit_rate, ideal_hit_tokens
 from bench.replay.plan import Scaling, TraceSlice, plan
-from bench.replay.prompts import PROMPT_MODES, PromptBuilder, VocabRange
+from bench.replay.prompts import (
+    BLOCK_MODES,
+    NO_CONTINUATIONS,
+    PROMPT_MODES,
+    Continuations,
+    PromptBuilder,
+    VocabRange,
+)
 from bench.replay.report import format_report, report_json, request_rows
 from bench.replay.runner import http_client, replay
 from bench.replay.traces import FORMATS, load_trace
@@ -79,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "exact length only on servers that tokenize one word as one token (the simulated workers)",
     )
     e.add_argument(
+        "--prompt-blocks",
+        choices=BLOCK_MODES,
+        default="continue",
+        help="continue: a request that extends an earlier one's full blocks starts with that earlier prompt, "
+        "exactly (a conversation's next turn); blocks: tokens from each hash id alone (a grown last block "
+        "is unrelated tokens)",
+    )
+    e.add_argument(
         "--vocab-range",
         default="100:100000",
         metavar="LOW:HIGH",
@@ -127,6 +142,7 @@ def config_from_args(a: argparse.Namespace) -> ReplayConfig:
             extra_body=tuple(extra.items()),
         ),
         vocab=VocabRange.parse(a.vocab_range),
+        blocks=a.prompt_blocks,
         seed=secrets.randbelow(1 << 31) if a.seed is None else a.seed,
         concurrency=a.concurrency,
         json_path=a.json,
@@ -141,6 +157,8 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
     planned = plan(trace, cfg.window, cfg.scaling)
     if not planned:
         raise ValueError("the slice of the trace holds no request (check --start / --duration)")
+    cont = Continuations.plan(planned) if cfg.blocks == "continue" else NO_CONTINUATIONS
+    continued = cont.continued or None
     async with http_client(cfg.endpoint) as http:
         if not cfg.endpoint.model:
             cfg = replace(cfg, endpoint=replace(cfg.endpoint, model=await served_model(http)))
@@ -155,10 +173,10 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
 
         with bar:
             outcome = await replay(
-                http, cfg.endpoint, planned, PromptBuilder(cfg.vocab, cfg.seed), cfg.concurrency, done
+                http, cfg.endpoint, planned, PromptBuilder(cfg.vocab, cfg.seed, cont), cfg.concurrency, done
             )
     k = cfg.scaling.time_scale
-    figures = compute_figures(outcome.results, outcome.duration_s, ideal_hit_rate(planned), k)
+    figures = compute_figures(outcome.results, outcome.duration_s, ideal_hit_rate(planned, continued), k)
     setup = ReplaySetup(
         config=cfg,
         trace_format=trace.format,
@@ -170,7 +188,7 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
     )
     data = report_json(figures, setup)
     if cfg.detailed:
-        data["requests"] = request_rows(outcome.results, ideal_hit_tokens(planned), k)
+        data["requests"] = request_rows(outcome.results, ideal_hit_tokens(planned, continued), k)
     return format_report(figures, setup), data
 
 

@@ -60,7 +60,8 @@ def setup_lines(s: ReplaySetup) -> list[str]:
         _row("Concurrency", c.concurrency if c.concurrency else "unlimited"),
         _row(
             "Prompts",
-            f"{c.endpoint.prompt_mode}, token ids in [{c.vocab.low}, {c.vocab.high}), seed {c.seed}",
+            f"{c.endpoint.prompt_mode}, token ids in [{c.vocab.low}, {c.vocab.high}), seed {c.seed}, "
+            + ("turns continue earlier prompts" if c.blocks == "continue" else "blocks from hash ids only"),
         ),
         _row("ignore_eos", "sent" if c.endpoint.ignore_eos else "not sent"),
         _row("Target", f"{c.endpoint.target} (model {c.endpoint.model})"),
@@ -143,6 +144,7 @@ def report_json(f: ReplayFigures, setup: ReplaySetup | None = None) -> dict[str,
             "prompt_mode": c.endpoint.prompt_mode,
             "vocab_range": [c.vocab.low, c.vocab.high],
             "seed": c.seed,
+            "prompt_blocks": c.blocks,
             "ignore_eos": c.endpoint.ignore_eos,
             "target": c.endpoint.target,
             "model": c.endpoint.model,

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,10 @@ from bench.compare import analysis
 from bench.compare.analysis import Goal, SplitP90
 from bench.compare.fleet import POLICIES, FleetSpec, session_cpu_seconds
 from bench.compare.run import RunSpec, Workload, backlog_figures
-from bench.compare_routers import _better, main, time_scale
+from bench.compare_routers import _better, _stale, main, time_scale
 from bench.replay.ideal import ideal_hit_rate
 from bench.replay.plan import PlannedRequest
+from bench.replay.prompts import Continuations
 
 
 def _row(length: int, ttft: float, ok: bool = True) -> dict[str, object]:
@@ -99,6 +101,19 @@ def test_lru_bound_loses_evicted_prefixes_and_equals_the_ideal_when_nothing_is_e
     assert analysis.lru_bound(reqs, 8) == pytest.approx(0.0)
 
 
+def test_lru_bound_counts_a_continued_prompt_while_its_blocks_are_cached() -> None:
+    # request 3 continues request 0 (2 full blocks + 2 tokens of id 3); 1 and 2 touch other blocks
+    reqs = [_req(0, (1, 2, 3), 10), _req(1, (1, 2), 8), _req(2, (7,), 4), _req(3, (1, 2, 4, 5), 14)]
+    cont = Continuations.plan(reqs)
+    assert cont.continued == (0, 0, 0, 10)
+    assert analysis.lru_bound(reqs, 1 << 30, cont) == pytest.approx(ideal_hit_rate(reqs, cont.continued))
+    assert analysis.lru_bound(reqs, 1 << 30, cont) == pytest.approx((8 + 10) / 36)
+    # room for 3 blocks: request 2's block evicts id 3 (request 1 refreshed 1 and 2): the full blocks only
+    assert analysis.lru_bound(reqs, 12, cont) == pytest.approx((8 + 8) / 36)
+    # room for 2 blocks: every prefix is gone before it comes back
+    assert analysis.lru_bound(reqs, 8, cont) == pytest.approx(0.0)
+
+
 def test_missed_hits_split_into_prefixes_in_flight_and_prefixes_already_cached() -> None:
     def row(i: int, length: int, start: float, ideal: int, cached: int) -> dict[str, object]:
         return {"index": i, "ok": True, "input_length": length, "started_s": start, "ttft_ms": 100.0,
@@ -109,6 +124,11 @@ def test_missed_hits_split_into_prefixes_in_flight_and_prefixes_already_cached()
     # request 1 left before request 0's prefill ended (0.1 s): in flight; request 2 came later and got half
     loss = analysis.hit_loss(rows, blocks, 512)
     assert loss == {"in_flight": pytest.approx(1024 / 4024), "available": pytest.approx(512 / 4024)}
+    # request 2's new block 4 continues request 0's last block 2: ready when request 0's prefill ended
+    rows[2]["ideal_hit_tokens"] = 1100
+    loss = analysis.hit_loss(rows, blocks, 512, {4: (2, 76)})
+    assert loss["available"] == pytest.approx((1100 - 512) / 4024)
+    assert analysis.hit_loss(rows, blocks, 512)["available"] == 0.0  # without it: id 4 never ready
 
 
 def _full_summary(policy: str, **kw: object) -> dict[str, object]:
@@ -163,6 +183,25 @@ def test_run_keys_tell_window_and_queue_policy_apart() -> None:
     keys = {RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, queue_policy=q, window=win)).key
             for q in (None, "fcfs") for win in (0, 128)}  # fmt: skip
     assert len(keys) == 4 and all(k.startswith("conversation-w8-x8-") for k in keys)
+    ids_only = replace(w, prompt_blocks="blocks")
+    assert RunSpec(POLICIES["swaserve-seed"], ids_only, FleetSpec(8, 1)).key not in {
+        RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1)).key
+    }
+    assert "--prompt-blocks" in ids_only.replay_argv(_FakeFleet(), Path("r.json"))
+
+
+class _FakeFleet:  # what Workload.replay_argv reads of a fleet
+    target, model, prompt_mode = "http://x", "m", "ids"
+
+
+def test_a_kept_run_made_with_other_prompts_is_redone() -> None:
+    w = Workload(Path("x/conversation_trace.jsonl"), 0, 60, 8, 1)
+    run = RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1))
+    assert _stale({"workload": {"time_scale": 1}}, run)  # before --prompt-blocks: ids only
+    assert not _stale({"workload": {"prompt_blocks": "continue"}}, run)
+    assert _stale(
+        {"workload": {"prompt_blocks": "continue"}}, replace(run, workload=replace(w, prompt_blocks="blocks"))
+    )
 
 
 def test_session_cpu_counts_a_busy_child_in_its_own_session() -> None:

@@ -1,14 +1,13 @@
 """A real replay: a hand-made Mooncake-format trace against a local cluster (`swaserve up`: redis-server,
 router, one prefill and one decode worker of mimo-tiny, all real processes).
 
-Why measured <= ideal holds exactly, with no tolerance: prompts are built per hash id, so two
-requests share tokens exactly over their leading equal hash ids (different ids give unrelated
-random ids; a chance match of a whole 16-token page is out of reach). The ideal counts every such
-shared block whole and assumes an infinite cache; everything the cluster adds only takes away:
-its hits are whole 16-token pages (rounded down), window-safe, bounded by eviction and by the
-request that holds a prefix having finished its prefill, and a fully cached prompt still computes
-its last token. An earlier request's *output* is not in a later prompt (the trace's follow-up
-blocks are fresh ids here), and id prompts get no BOS. So cached <= ideal per request.
+Why measured <= ideal holds exactly, with no tolerance: the ideal is the longest prefix each prompt
+shares token for token with any earlier prompt (bench/replay/ideal.py; different ids give
+unrelated random ids, a chance match of a whole 16-token page is out of reach) under an infinite
+cache; everything the cluster adds only takes away: its hits are whole 16-token pages (rounded
+down), window-safe, bounded by eviction and by the request that holds a prefix having finished its
+prefill, and a fully cached prompt still computes its last token. An earlier request's *output* is
+not in a later prompt, and id prompts get no BOS. So cached <= ideal per request.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ TRACE = [
     (3600, [0, 30, 31, 32, 33, 34], 3072, 6),
     (3600, [0, 40, 41], 1100, 1),
     (4200, [0, 10, 11, 12, 13, 14, 15, 16, 17], 4200, 8),
+    (5400, [0, 10, 60, 61], 1800, 4),  # the next turn of request 1: block 11 grew into 60
 ]
 
 
@@ -71,7 +71,7 @@ def test_replay_of_a_shared_prefix_trace(
     assert replay_main([*argv, "--json", str(out), "--detailed", "--no-progress"]) == 0
     data = json.loads(out.read_text())
 
-    assert (data["sent"], data["completed"], data["failed"]) == (12, 12, 0), data["errors"]
+    assert (data["sent"], data["completed"], data["failed"]) == (13, 13, 0), data["errors"]
     rows = data["requests"]
     assert [r["output_tokens"] for r in rows] == [m for *_, m in TRACE]  # ignore_eos: exactly as asked
     assert [r["prompt_tokens"] for r in rows] == [math.ceil(n / PROMPT_SCALE) for _, _, n, _ in TRACE]
@@ -82,14 +82,16 @@ def test_replay_of_a_shared_prefix_trace(
         assert r["ttft_ms"] <= r["e2el_ms"]
         assert len(r["itl_ms"]) <= r["output_tokens"] - 1
     assert 0 < data["measured_hit_rate"] <= data["ideal_hit_rate"]
-    # ideal by hand: per request hit blocks x 32 tokens, capped at the prompt
-    ideal_blocks = [0, 1, 1, 4, 3, 1, 7, 5, 4, 4, 1, 7]
+    # ideal by hand, blocks of 32 tokens: requests 4 and 9 share only the 24 and 17 tokens of
+    # blocks 11 and 32 that requests 1 and 5 sent; the last one starts with request 1 (88 tokens)
+    hits = [0, 32, 32, 128, 88, 32, 224, 160, 128, 113, 32, 224, 88]
     prompts = [math.ceil(n / PROMPT_SCALE) for _, _, n, _ in TRACE]
-    hits = [min(32 * b, p) for b, p in zip(ideal_blocks, prompts, strict=True)]
     assert [r["ideal_hit_tokens"] for r in rows] == hits
     assert data["ideal_hit_rate"] == pytest.approx(sum(hits) / sum(prompts))
     # a conversation's next turn finds at least the page-aligned previous turn (one prefill worker)
     assert rows[3]["cached_tokens"] >= 128 - 16
+    # and a continued turn resumes at the previous prompt's end (88), page-aligned: 80
+    assert rows[12]["cached_tokens"] >= 80
     assert data["setup"]["block_size"] == 32 and data["setup"]["model"] == MODEL
     # the report is printed, last
     printed = capsys.readouterr().out
