@@ -19,6 +19,7 @@ from services.common.grpc_server import make_server
 from services.common.kv_payload import KVPayload
 from services.common.kv_transport import add_kv_receiver
 from services.common.netutil import free_port
+from services.common.prompt_wire import pack_ids
 from services.engine.loop_metrics import serve_metrics
 from services.engine.model_store import resolve_model
 from services.engine.sampling import SamplingParams
@@ -111,6 +112,22 @@ def test_a_shared_prefix_comes_from_the_cache_and_ships_the_same_kv(lm, served):
     assert m.labels("l1")._value.get() >= reply.cached_tokens
 
 
+def test_a_packed_prompt_is_the_same_prompt(served):
+    pre, cap = served
+    cap.payloads.clear()
+    sp = sampling(max_tokens=4)
+    plain = prefill(pre, cap, "plain", LONG, max_tokens=4)
+    req = worker_pb2.PrefillRequest(
+        rid="packed", prompt_ids_packed=pack_ids(LONG), sampling=sp, decode_addr=cap.addr
+    )
+    packed = prefill_stub(pre).Prefill(req, timeout=60)
+    assert (packed.first_token, packed.first_logprob) == (plain.first_token, plain.first_logprob)
+    assert packed.cached_tokens > 0  # the same tokens: the first request's pages are a hit
+    a, b = cap.payloads
+    assert a.meta.num_tokens == b.meta.num_tokens == len(LONG)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
+
+
 def test_the_first_token_follows_the_clients_sampling_params(lm, served):
     pre, cap = served
     params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "seed": 1234}
@@ -142,6 +159,9 @@ def test_a_first_token_that_ends_the_request_ships_nothing(lm, served):
         ({"decode_addr": ""}, "decode_addr"),
         ({"prompt_ids": [10**9]}, "token ids"),
         ({"prompt_ids": []}, "at least one token"),
+        ({"prompt_ids": [], "prompt_ids_packed": pack_ids([10**9])}, "token ids"),
+        ({"prompt_ids": [], "prompt_ids_packed": b"\x01" * 5}, "4-byte ids"),
+        ({"prompt_ids_packed": pack_ids(SHORT)}, "not both"),
         ({"sampling": sampling(max_tokens=0)}, "max_tokens"),
         ({"sampling": sampling(max_tokens=4, top_p=1.5)}, "top_p"),
         ({"kv_transport": "pigeon"}, "pigeon"),
