@@ -17,9 +17,10 @@ marked down for a moment and its keys are misses (get), absent (exists) or dropp
 (too large, disk failed) is in `PutReport.errors` with the node's reason; the rest of the batch is
 unaffected. Values read are read-only memoryviews (bytes-like; `bytes(v)` copies).
 
-Same host: when a node registered the client's host id (and /dev/shm works), values go through
-the client's shared-memory arena instead of the socket (arena.py); `shm=False` turns that off.
-`counters` shows which path carried what.
+Paths for values: same host, when a node registered the client's host id (and /dev/shm works),
+through the client's shared-memory arena (arena.py; `shm=False` turns that off); otherwise over
+the node's data plane, a plain TCP connection beside gRPC (data_conn.py; `data_plane=False`, or a
+node without one: as data frames in the gRPC streams). `counters` shows which path carried what.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from services.common.hash_ring import DEFAULT_VNODES
 from services.common.registry import DEFAULT_PREFIX
 from services.gcache.arena import ClientArena, Slot, align
 from services.gcache.conn import NodeConn, NodeError, PutResult
+from services.gcache.data_conn import DataConn
 from services.gcache.discovery import NodeDirectory, NodeInfo, default_host_id
 from services.gcache.keys import BlockKey, KeyLike, as_key
 from services.gcache.results import PutOutcome
@@ -52,6 +54,8 @@ class _Moved(Protocol):
     def shm_bytes(self) -> int: ...
     @property
     def grpc_bytes(self) -> int: ...
+    @property
+    def data_bytes(self) -> int: ...
 
 
 R = TypeVar("R", bound=_Moved)
@@ -67,8 +71,10 @@ class ClientCounters:
     node_errors: int = 0  # failed calls
     shm_calls: int = 0  # puts and gets that used the arena
     grpc_calls: int = 0
+    data_calls: int = 0  # puts and gets over the nodes' data plane (TCP, data_conn.py)
     shm_bytes: int = 0  # value bytes through the arena, both directions
     grpc_bytes: int = 0  # value bytes as data frames, both directions
+    data_bytes: int = 0  # value bytes over the data plane, both directions
     shm_refusals: int = 0  # a node could not map our arena: that node gets gRPC from then on
 
 
@@ -87,7 +93,8 @@ class GCacheClient:
     def __init__(self, redis_url: str, replication: int = 1, *, shm: bool = True, shm_bytes: int = 256 << 20,
                  shm_slots: int = 4, host_id: str | None = None, timeout: float = 10.0,
                  refresh_interval: float = 1.0, down_seconds: float = 2.0, vnodes: int = DEFAULT_VNODES,
-                 registry_prefix: str = DEFAULT_PREFIX, max_workers: int = 8) -> None:  # fmt: skip
+                 registry_prefix: str = DEFAULT_PREFIX, max_workers: int = 8,
+                 data_plane: bool = True) -> None:  # fmt: skip
         if replication < 1:
             raise ValueError("replication must be >= 1")
         self.replication = replication
@@ -97,6 +104,8 @@ class GCacheClient:
         self.counters = ClientCounters()
         self._count_lock = threading.Lock()
         self._conns: dict[str, NodeConn] = {}
+        self.data_plane = data_plane
+        self._data_conns: dict[str, DataConn] = {}
         self._conn_lock = threading.Lock()
         self._no_shm: set[str] = set()
         self.arena: ClientArena | None = None
@@ -183,7 +192,10 @@ class GCacheClient:
             def put(slot: Slot | None, b: list[tuple[BlockKey, Buffer]] = batch) -> PutResult:
                 return conn.put(b, self.arena, slot, sender=self.client_id)
 
-            out += self._call(node, put).statuses
+            def put_data(data: DataConn, b: list[tuple[BlockKey, Buffer]] = batch) -> PutResult:
+                return data.put(b, sender=self.client_id)
+
+            out += self._call(node, put, put_data).statuses
         return out
 
     # -- get -------------------------------------------------------------------------------------
@@ -197,11 +209,10 @@ class GCacheClient:
         lock = threading.Lock()
 
         def run(node_id: str, idx: list[int]) -> None:
-            conn = self._conn(nodes[node_id])
+            node, want = nodes[node_id], [ks[i] for i in idx]
             try:
-                res = self._call(
-                    nodes[node_id], lambda slot: conn.get([ks[i] for i in idx], self.arena, slot)
-                )
+                conn = self._conn(node)
+                res = self._call(node, lambda slot: conn.get(want, self.arena, slot), lambda d: d.get(want))
             except NodeError as e:
                 self._failed(node_id, e)
                 return
@@ -299,45 +310,67 @@ class GCacheClient:
                 conn = self._conns[node.node_id] = NodeConn(node.addr, self.timeout)
             return conn
 
+    def _data_conn(self, node: NodeInfo) -> DataConn:
+        with self._conn_lock:
+            conn = self._data_conns.get(node.node_id)
+            if conn is None or conn.addr != node.data_addr:
+                if conn is not None:
+                    conn.close()
+                conn = self._data_conns[node.node_id] = DataConn(node.data_addr, self.timeout)
+            return conn
+
     def _nodes_changed(self, nodes: dict[str, NodeInfo]) -> None:
         with self._conn_lock:
             for node_id in [n for n in self._conns if n not in nodes]:
                 self._conns.pop(node_id).close()
+            for node_id in [n for n in self._data_conns if n not in nodes]:
+                self._data_conns.pop(node_id).close()
             self._no_shm &= set(nodes)
 
     def _shm_ok(self, node: NodeInfo) -> bool:
         return self.arena is not None and node.host_id == self.host_id and node.node_id not in self._no_shm
 
-    def _call(self, node: NodeInfo, call: Callable[[Slot | None], R]) -> R:
-        """Run `call(slot)` with an arena slot when the node shares our host, else (or with every
-        slot busy) `call(None)`: plain gRPC. A node that cannot map the arena gets gRPC from then on."""
+    def _data_ok(self, node: NodeInfo) -> bool:
+        return self.data_plane and bool(node.data_addr)
+
+    def _call(
+        self, node: NodeInfo, call: Callable[[Slot | None], R], data_call: Callable[[DataConn], R]
+    ) -> R:
+        """Run `call(slot)` with an arena slot when the node shares our host; else (or with every
+        slot busy) `data_call` over the node's data plane, or `call(None)`: plain gRPC. A node that
+        cannot map the arena gets the data plane or gRPC from then on."""
         slot = self.arena.acquire() if self.arena is not None and self._shm_ok(node) else None
+        if slot is None:
+            if self._data_ok(node):
+                return self._count(data_call(self._data_conn(node)), "data")
+            return self._count(call(None), "grpc")
+        assert self.arena is not None
         try:
             result = call(slot)
         except NodeError as e:
-            if slot is None:
-                raise
-            assert self.arena is not None
             self.arena.release(slot, failed=True)
             if not e.shm_refused:
                 raise
-            log.warning("gcache client: node %s cannot use our arena (%s); using gRPC", node.node_id, e)
+            log.warning("gcache client: node %s cannot use our arena (%s); not using it", node.node_id, e)
             self._no_shm.add(node.node_id)
             with self._count_lock:
                 self.counters.shm_refusals += 1
-            slot, result = None, call(None)
-        else:
-            if slot is not None:
-                assert self.arena is not None
-                self.arena.release(slot)
+            return self._call(node, call, data_call)
+        self.arena.release(slot)
+        return self._count(result, "shm")
+
+    def _count(self, result: R, path: str) -> R:
         with self._count_lock:
             c = self.counters
-            if slot is not None:
+            if path == "shm":
                 c.shm_calls += 1
-            else:
+            elif path == "grpc":
                 c.grpc_calls += 1
+            else:
+                c.data_calls += 1
             c.shm_bytes += result.shm_bytes
             c.grpc_bytes += result.grpc_bytes
+            c.data_bytes += result.data_bytes
         return result
 
     def _failed(self, node_id: str, e: NodeError) -> None:
@@ -354,6 +387,9 @@ class GCacheClient:
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
+            for dconn in self._data_conns.values():
+                dconn.close()
+            self._data_conns.clear()
         if self.arena is not None:
             self.arena.close()
 

@@ -53,6 +53,7 @@ class PutResult:
     statuses: list[PutOutcome]  # one per item, in order
     shm_bytes: int
     grpc_bytes: int
+    data_bytes: int = 0  # through the data plane (data_conn.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class GetResult:
     values: dict[int, memoryview]  # request index -> value
     shm_bytes: int
     grpc_bytes: int
+    data_bytes: int = 0  # through the data plane (data_conn.py)
 
 
 class _Incoming:

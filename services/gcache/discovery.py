@@ -1,7 +1,7 @@
 """Which GCache nodes are live: registry records (role "gcache") -> a hash ring, refreshed in the
 background, plus short "down" marks for nodes that just failed a call.
 
-A node registers `WorkerRecord(role="gcache", worker_id=<node id>, addr, labels={"host_id": ...})`
+A node registers `WorkerRecord(role="gcache", worker_id=<node id>, addr, labels={"host_id", "data_addr", ...})`
 with a TTL heartbeat (services/common/registry.py). Every client and every draining node builds
 the same ring from the same node ids (services/common/hash_ring.py), so all agree on owners
 without talking to each other. A node that dies drops out of the ring when its record expires
@@ -40,10 +40,14 @@ class NodeInfo:
     addr: str
     host_id: str
     metrics_addr: str = ""
+    data_addr: str = ""  # host:port of its data plane (data_plane.py); "" = values over gRPC
 
     @classmethod
     def from_record(cls, rec: WorkerRecord) -> NodeInfo:
-        return cls(rec.worker_id, rec.addr, rec.labels.get("host_id", ""), rec.metrics_addr)
+        labels = rec.labels
+        return cls(
+            rec.worker_id, rec.addr, labels.get("host_id", ""), rec.metrics_addr, labels.get("data_addr", "")
+        )
 
 
 class NodeDirectory:

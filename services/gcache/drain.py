@@ -3,9 +3,10 @@ without it, so its keys stay hits.
 
 For each block, hot ones first, the targets are its `replication` owners on `ring.without(self)`.
 Blocks go in batches of about `batch_bytes`; each target is first asked which of its blocks it
-already holds (BatchExists), and only the rest are sent (BatchPut with `migration=True`, which the
-receiver counts). A target that fails is skipped for the rest of the pass (its blocks are counted
-as failed): the drain never hangs the shutdown on a dead peer beyond one call's timeout.
+already holds (BatchExists), and only the rest are sent as a put with `migration=True`, which the
+receiver counts (over the target's data plane when it has one, data_conn.py; else BatchPut). A
+target that fails is skipped for the rest of the pass (its blocks are counted as failed): the
+drain never hangs the shutdown on a dead peer beyond one call's timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from services.common.hash_ring import HashRing
 from services.gcache.conn import NodeConn, NodeError
+from services.gcache.data_conn import DataConn
 from services.gcache.discovery import NodeInfo
 from services.gcache.store import BlockStore
 
@@ -58,6 +60,7 @@ class Migrator:
             log.info("gcache drain: no other node to hand blocks to")
             return report
         conns = {n: NodeConn(nodes[n].addr, self.timeout) for n in ring.nodes if n in nodes}
+        data = {n: DataConn(nodes[n].data_addr, self.timeout) for n in conns if nodes[n].data_addr}
         dead: set[str] = set()
         try:
             batch: list[tuple[bytes, memoryview]] = []
@@ -69,19 +72,21 @@ class Migrator:
                 batch.append((key, found.value))
                 size += len(found.value)
                 if size >= self.batch_bytes:
-                    self._send(batch, ring, conns, dead, report)
+                    self._send(batch, ring, conns, data, dead, report)
                     batch, size = [], 0
             if batch:
-                self._send(batch, ring, conns, dead, report)
+                self._send(batch, ring, conns, data, dead, report)
         finally:
             for c in conns.values():
                 c.close()
+            for d in data.values():
+                d.close()
         report.seconds = time.monotonic() - t0
         self.store.count_migration("sent", report.blocks_sent, report.bytes_sent)
         return report
 
     def _send(self, batch: list[tuple[bytes, memoryview]], ring: HashRing, conns: dict[str, NodeConn],
-              dead: set[str], report: DrainReport) -> None:  # fmt: skip
+              data: dict[str, DataConn], dead: set[str], report: DrainReport) -> None:  # fmt: skip
         by_node: dict[str, list[int]] = {}
         for i, (key, _) in enumerate(batch):
             for n in ring.owners(int.from_bytes(key[:8], "big"), self.replication):
@@ -97,7 +102,8 @@ class Migrator:
                 report.blocks_present += len(idx) - len(todo)
                 if not todo:
                     continue
-                result = conn.put([batch[i] for i in todo], migration=True, sender=self.node_id)
+                via = data.get(node_id, conn)
+                result = via.put([batch[i] for i in todo], migration=True, sender=self.node_id)
             except NodeError as e:
                 log.warning("gcache drain: %s failed, skipping it: %s", node_id, e)
                 dead.add(node_id)

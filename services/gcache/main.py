@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("SWASERVE_ADVERTISE_HOST") or os.environ.get("POD_IP") or "127.0.0.1",
         help="host clients dial, as registered in Redis",
     )
+    p.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        help="data plane TCP port (0: any free port, -1: off, values over gRPC)",
+    )
     p.add_argument("--redis-url", default="", help="Redis for registration; empty: do not register")
     p.add_argument("--memory-bytes", type=parse_bytes, default=parse_bytes("1G"), help="memory tier budget")
     p.add_argument("--disk-dir", default="", help="directory of the disk tier (empty: no disk tier)")
@@ -88,7 +94,7 @@ def node_config(args: argparse.Namespace) -> NodeConfig:
     return NodeConfig(
         store=store, host=args.host, port=args.port, advertise_host=args.advertise_host, redis_url=args.redis_url,
         metrics_port=args.metrics_port, heartbeat_ttl=args.heartbeat_ttl, replication=args.replication,
-        node_id=args.node_id, host_id=args.host_id, drain_grace=args.drain_grace,
+        node_id=args.node_id, host_id=args.host_id, drain_grace=args.drain_grace, data_port=args.data_port,
     )  # fmt: skip
 
 
@@ -99,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         tune_glibc_malloc()
     node = GCacheNode(node_config(args)).start()
     # one line on stdout that launchers (tests, bench) wait for
-    print(f"GCACHE_READY {node.node_id} {node.addr} metrics={node.metrics_port}", flush=True)
+    data_port = node.data_plane.port if node.data_plane is not None else -1
+    print(f"GCACHE_READY {node.node_id} {node.addr} metrics={node.metrics_port} data={data_port}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -68,6 +68,21 @@ class StoreCollector(Collector):
         shm.add_metric(["in"], extra.get("shm_bytes_in", 0))
         shm.add_metric(["out"], extra.get("shm_bytes_out", 0))
         yield shm
+        data = CounterMetricFamily(
+            f"{P}_data_plane_bytes", "value bytes over the data plane (TCP beside gRPC)", labels=["direction"]
+        )
+        data.add_metric(["in"], extra.get("data_bytes_in", 0))
+        data.add_metric(["out"], extra.get("data_bytes_out", 0))
+        yield data
+        yield CounterMetricFamily(
+            f"{P}_data_plane_rejected_frames", "data plane frames refused as malformed (connection closed)",
+            value=extra.get("data_rejected_frames", 0),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            f"{P}_data_plane_connections",
+            "open data plane connections",
+            value=extra.get("data_connections", 0),
+        )
         u = self.store.usage()
         for name, doc, mem, disk in (
             ("used_bytes", "bytes held by a tier", u.memory_used, u.disk_used),

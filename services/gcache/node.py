@@ -1,6 +1,6 @@
-"""One GCache node: store + gRPC service + /metrics + registry record, and its orderly exit.
+"""One GCache node: store + gRPC service + data plane + /metrics + registry record, and its orderly exit.
 
-    start   store (indexes the disk tier) -> gRPC server -> /metrics -> register in Redis
+    start   store (indexes the disk tier) -> gRPC server, data plane (TCP) -> /metrics -> register in Redis
     drain   (SIGTERM) draining = True, record puts from now on
             1. hand every block to its owners on the ring without us (drain.py), hot first
             2. deregister: clients drop us at their next refresh (<= refresh interval)
@@ -22,6 +22,7 @@ from services.common.grpc_server import make_server
 from services.common.hash_ring import DEFAULT_VNODES
 from services.common.registry import DEFAULT_PREFIX, WorkerRecord, WorkerRegistry
 from services.gcache.arena import ArenaMap
+from services.gcache.data_plane import DataPlaneServer
 from services.gcache.discovery import ROLE, NodeDirectory
 from services.gcache.drain import DrainReport, Migrator
 from services.gcache.metrics import node_registry, serve_metrics
@@ -43,6 +44,7 @@ class NodeConfig:
     replication: int = 1  # must match the clients': the drain hands blocks to this many owners
     node_id: str = ""  # default gcache-<advertise_host>-<port>: stable across restarts
     host_id: str = ""
+    data_port: int = 0  # the data plane's TCP port (0: any free port, -1: off, values over gRPC)
     drain_grace: float = 2.0  # > the clients' refresh interval
     vnodes: int = DEFAULT_VNODES
     registry_prefix: str = DEFAULT_PREFIX
@@ -57,8 +59,15 @@ class GCacheNode:
         self.addr = f"{config.advertise_host}:{self.port}"
         self.node_id = config.node_id or f"gcache-{config.advertise_host}-{self.port}"
         self.arenas = ArenaMap()
-        self.service = GCacheService(self.store, self.node_id, self.addr, self.arenas, lambda: self.draining)
+        self.service = GCacheService(
+            self.store, self.node_id, self.addr, self.arenas, lambda: self.draining, self._data_counters
+        )
         self.server.add_generic_rpc_handlers((self.service.handler(),))
+        self.data_plane: DataPlaneServer | None = None
+        self.data_addr = ""
+        if config.data_port >= 0:
+            self.data_plane = DataPlaneServer(self.store, config.host, config.data_port)
+            self.data_addr = f"{config.advertise_host}:{self.data_plane.port}"
         self.metrics_port = 0
         self.registry: WorkerRegistry | None = None
         self.drain_report = DrainReport()
@@ -66,6 +75,8 @@ class GCacheNode:
 
     def start(self) -> GCacheNode:
         self.server.start()
+        if self.data_plane is not None:
+            self.data_plane.start()
         cfg = self.config
         metrics_addr = ""
         if cfg.metrics_port >= 0:
@@ -80,16 +91,25 @@ class GCacheNode:
                     role=ROLE, addr=self.addr, model="*", capacity_tokens=0, metrics_addr=metrics_addr,
                     worker_id=self.node_id,
                     labels={"host_id": cfg.host_id, "memory_bytes": str(u.memory_capacity),
-                            "disk_bytes": str(u.disk_capacity)},
+                            "disk_bytes": str(u.disk_capacity), "data_addr": self.data_addr},
                 )
             )  # fmt: skip
         u = self.store.usage()
         log.info(
-            "gcache node %s serving on %s (memory %d B, disk %d B in %s, %d blocks found on disk)%s",
-            self.node_id, self.addr, u.memory_capacity, u.disk_capacity, cfg.store.disk_dir, u.disk_blocks,
+            "gcache node %s serving on %s, data plane %s (memory %d B, disk %d B in %s, %d blocks found on disk)%s",
+            self.node_id, self.addr, self.data_addr or "off", u.memory_capacity, u.disk_capacity, cfg.store.disk_dir, u.disk_blocks,
             f", metrics http://{metrics_addr}/metrics" if metrics_addr else "",
         )  # fmt: skip
         return self
+
+    def _data_counters(self) -> dict[str, int]:
+        d = self.data_plane
+        return {
+            "data_bytes_in": d.bytes_in if d else 0,
+            "data_bytes_out": d.bytes_out if d else 0,
+            "data_rejected_frames": d.rejected_frames if d else 0,
+            "data_connections": d.connections if d else 0,
+        }
 
     def _extra_metrics(self) -> dict[str, int]:
         s = self.service
@@ -97,6 +117,7 @@ class GCacheNode:
             "shm_bytes_in": s.shm_bytes_in,
             "shm_bytes_out": s.shm_bytes_out,
             "draining": int(self.draining),
+            **self._data_counters(),
         }
 
     def drain(self) -> DrainReport:
@@ -141,6 +162,8 @@ class GCacheNode:
         if self.registry is not None:
             self.registry.close()
         self.server.stop(grace).wait()
+        if self.data_plane is not None:
+            self.data_plane.close()
         self.arenas.close()
 
     def wait(self) -> None:

@@ -63,12 +63,14 @@ class _ItemReader:
 
 class GCacheService:
     def __init__(self, store: BlockStore, node_id: str, addr: str, arenas: ArenaMap | None = None,
-                 draining: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
+                 draining: Callable[[], bool] = lambda: False,
+                 extra_counters: Callable[[], dict[str, int]] = dict) -> None:  # fmt: skip
         self.store = store
         self.node_id = node_id
         self.addr = addr
         self.arenas = arenas or ArenaMap()
         self.draining = draining
+        self.extra_counters = extra_counters  # the node's other counters (its data plane's), for Stats
         self.shm_bytes_in = 0
         self.shm_bytes_out = 0
 
@@ -210,6 +212,7 @@ class GCacheService:
         counters.update(
             shm_bytes_in=self.shm_bytes_in, shm_bytes_out=self.shm_bytes_out, shm_arenas=len(self.arenas)
         )
+        counters.update(self.extra_counters())
         return gcache_pb2.StatsReply(
             node_id=self.node_id, addr=self.addr,
             memory_used_bytes=u.memory_used, memory_capacity_bytes=u.memory_capacity, memory_blocks=u.memory_blocks,

@@ -56,15 +56,16 @@ class NodeProc:
         self.lines: list[str] = []
         ready = threading.Event()
         self.node_id = self.addr = ""
-        self.metrics_port = 0
+        self.metrics_port = self.data_port = 0
 
         def read() -> None:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append(line)
                 if line.startswith("GCACHE_READY"):
-                    _, self.node_id, self.addr, metrics = line.split()
+                    _, self.node_id, self.addr, metrics, data = line.split()
                     self.metrics_port = int(metrics.split("=")[1])
+                    self.data_port = int(data.split("=")[1])
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()

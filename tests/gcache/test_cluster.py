@@ -127,6 +127,7 @@ def test_sigterm_drains_blocks_to_the_other_nodes(redis_server, start_node: Node
         leaving = nodes[2]
         theirs = [k for k in values if c.owners(k)[0] == leaving.node_id]
         assert len(theirs) > 50
+        data_in_before = sum(counters(n)["data_bytes_in"] for n in nodes[:2])
         leaving.terminate()
         assert leaving.wait(30) == 0
         assert c.wait_for_nodes(2) and len(c.nodes()) == 2
@@ -138,5 +139,8 @@ def test_sigterm_drains_blocks_to_the_other_nodes(redis_server, start_node: Node
         assert len(got) == 300 and all(got[k] == v for k, v in values.items())
         received = sum(counters(n)["migrated_blocks_received"] for n in nodes[:2])
         assert received == len(theirs)
+        # handed over through the receivers' data plane: exactly the leaving node's bytes came in
+        data_in = sum(counters(n)["data_bytes_in"] for n in nodes[:2]) - data_in_before
+        assert data_in == sum(len(values[k]) for k in theirs)
         assert "gcache drain done" in leaving.output()
         assert 'swaserve_gcache_migrated_blocks_total{direction="received"}' in nodes[0].metrics_text()

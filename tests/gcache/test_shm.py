@@ -35,12 +35,14 @@ def test_colocated_client_uses_shm_and_gets_identical_bytes(redis_server, start_
         assert c.counters.shm_bytes == 2 * total and c.counters.grpc_bytes == 0
         st = counters(node)
         assert st["shm_bytes_in"] == total and st["shm_bytes_out"] == total and st["shm_arenas"] == 1
-        # the same keys over gRPC (a client with shm off) read the same bytes
-    with GCacheClient(redis_server.url, shm=False) as plain:
-        assert plain.wait_for_nodes(1)
-        again = plain.get_many(list(data))
-        assert all(again[k] == v for k, v in data.items())
-        assert plain.counters.shm_calls == 0 and plain.counters.grpc_bytes == total
+        # the same keys over the data plane and over gRPC (clients with shm off) read the same bytes
+    for data_plane in (True, False):
+        with GCacheClient(redis_server.url, shm=False, data_plane=data_plane) as plain:
+            assert plain.wait_for_nodes(1)
+            again = plain.get_many(list(data))
+            assert all(again[k] == v for k, v in data.items())
+            moved = plain.counters.data_bytes if data_plane else plain.counters.grpc_bytes
+            assert plain.counters.shm_calls == 0 and moved == total
 
 
 def test_values_beyond_a_slot_go_as_data_frames(redis_server, start_node: NodeFactory):
@@ -64,7 +66,7 @@ def test_shm_is_not_used_when_off_or_on_another_host(redis_server, start_node: N
         assert c.put_many(data).ok
         got = c.get_many(list(data))
         assert all(got[k] == v for k, v in data.items())
-        assert c.counters.shm_calls == 0 and c.counters.grpc_calls == 2
+        assert c.counters.shm_calls == 0 and c.counters.data_calls == 2 and c.counters.grpc_calls == 0
         assert (c.arena is None) is (how == "flag")
     assert counters(node)["shm_bytes_in"] == 0
 
@@ -83,7 +85,7 @@ def test_a_node_that_cannot_map_the_arena_makes_the_client_fall_back(redis_serve
         finally:
             os.rename(c.arena.path.with_name(c.arena.name + "-hidden"), c.arena.path)
         assert all(got[k] == v for k, v in data.items())
-        assert c.counters.shm_refusals == 1 and c.counters.shm_calls == 0 and c.counters.grpc_calls == 2
+        assert c.counters.shm_refusals == 1 and c.counters.shm_calls == 0 and c.counters.data_calls == 2
     assert counters(node)["shm_bytes_in"] == 0
 
 
