@@ -1,8 +1,14 @@
 """The engine: a model, its two KV pools, the radix cache, the scheduler and the sampler, in one loop.
 
-    add_request() -> waiting queue
+    add_request() -> waiting queue   (with L3: first a background L3 lookup; see below)
     step():  schedule a packed batch -> forward -> sample the requests that reached their end
              -> commit KV (prompt ends go to the radix cache) -> finish what stopped
+
+Tiers (docs/kv-tiers.md): L1 is the pools and the radix cache; L2 (`host_kv_tokens`) host memory,
+written through whenever the radix cache takes a prefix, restored at admission; L3 (`attach_l3`,
+GCache) gets the same writes in the background, and a new request whose prompt goes past what L1
+and L2 hold is *staged* while its pages are fetched from L3 into L2; then it joins the queue and
+admission restores it from L2 like any L2 hit. The loop never waits on the network.
 
 The prefill and decode services wrap this loop; `generate()` runs it to completion.
 """
@@ -10,23 +16,30 @@ The prefill and decode services wrap this loop; `generate()` runs it to completi
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from services.common.block_hash import ROOT_HASH, BlockHash
 from services.common.kv_payload import KVPayload
 from services.engine.host_store import HostKVStore
 from services.engine.kv.events import EventBuffer
-from services.engine.kv.host_tier import HostTier
+from services.engine.kv.host_tier import HostTier, SpillJob
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.kv.req_pages import ReqPages
+from services.engine.kv_bytes import page_nbytes, read_pages, write_pages
 from services.engine.kv_store import KVStore, LayerKVSpec
 from services.engine.kv_transfer import export_kv, install_kv
+from services.engine.l3_tier import L3Fetch, L3Store, L3Tier, namespace
+from services.engine.layer_restore import LayerwiseRestore
 from services.engine.model import CausalLM
 from services.engine.model_runner import ModelRunner
 from services.engine.queue_policy import make_queue_policy
@@ -35,7 +48,17 @@ from services.engine.sampling import Sampled, Sampler, SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Staged:
+    """A request waiting for its L3 lookup before it joins the queue."""
+
+    req: Req
+    fetch: Future[L3Fetch | None]
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     host_kv_tokens: int = 0  # L2: full-attention tokens the host tier holds (0: no L2)
     host_swa_pages: int | None = None  # L2 SWA pages for cached tails (default: as many as full pages)
+    layerwise_restore: bool = True  # L2 -> device copies overlap the forward, layer by layer
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -116,6 +140,10 @@ class Engine:
             sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy),
             host=self.host,
         )  # fmt: skip
+        self.l3: L3Tier | None = None
+        self.l3_wait = 2.0  # seconds a request waits for its L3 lookup before it is queued without it
+        self._staged: dict[str, _Staged] = {}
+        self._restore_pool: ThreadPoolExecutor | None = None
         self.runner = ModelRunner(model, self.store, cfg.device)
         self.sampler = Sampler(cfg.seed)
         self.eos_ids = frozenset(model_cfg.eos_token_ids)
@@ -158,8 +186,99 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
         req = Req(rid=rid or f"req-{next(self._ids)}", prompt_ids=ids, params=params)
-        self.scheduler.add(req)
+        if not self._stage(req):
+            self.scheduler.add(req)
         return req
+
+    # -- L3 ------------------------------------------------------------------------------------
+    def attach_l3(self, store: L3Store, model: str, max_inflight_bytes: int = 256 << 20) -> L3Tier:
+        """Use a GCache cluster (a GCacheClient) as L3 behind L2; needs the host tier.
+        `model` names the weights: workers share blocks only within one name."""
+        if self.host is None:
+            raise ValueError("L3 needs the host tier (L2): set host_kv_tokens")
+        specs = kv_specs(self.model_cfg)
+        dtype = DTYPES[self.cfg.dtype]
+        ns = namespace(model, (specs, self.window), self.cfg.dtype, self.cfg.page_size)
+        self.l3 = L3Tier(
+            store, ns,
+            full_nbytes=page_nbytes(specs, "full", self.cfg.page_size, dtype),
+            swa_page_nbytes=page_nbytes(specs, "swa", self.cfg.page_size, dtype),
+            tail_pages=self.host.tail_pages, max_inflight_bytes=max_inflight_bytes,
+        )  # fmt: skip
+        return self.l3
+
+    def _stage(self, req: Req) -> bool:
+        """Start req's L3 lookup if its prompt goes past what L1 and L2 can restore; True if staged."""
+        if self.l3 is None or self.host is None:
+            return False
+        p = self.cfg.page_size
+        usable = (req.seq_len - 1) // p  # the last token is always computed
+        hashes = self.scheduler.page_hashes(req, req.seq_len - 1)
+        have = self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // p
+        hit = self.host.lookup(hashes, have)
+        if hit is not None:
+            have = hit.end
+        if usable <= have:
+            return False
+        fetch = self.l3.fetch(hashes, have)
+        self._staged[req.rid] = _Staged(req, fetch, time.monotonic() + self.l3_wait)
+        return True
+
+    def _admit_staged(self) -> None:
+        """Queue the staged requests whose lookup ended (or timed out), installing what it found."""
+        now = time.monotonic()
+        for rid, st in list(self._staged.items()):
+            if not st.fetch.done() and now < st.deadline:
+                continue
+            del self._staged[rid]
+            if st.fetch.done() and st.fetch.exception() is None:
+                got = st.fetch.result()
+                if got is not None:
+                    self._install_l3(st.req, got)
+            self.scheduler.add(st.req)
+
+    def _install_l3(self, req: Req, got: L3Fetch) -> None:
+        """L3 -> L2: claim host pages for the fetched blocks and copy them in (engine thread)."""
+        assert self.host is not None and self.host_store is not None
+        p = self.cfg.page_size
+        hashes = req.page_hashes
+        tokens = req.all_ids
+        hs = self.host_store
+        for i, value in zip(range(got.start, got.end), got.full, strict=True):
+            parent = hashes[i - 1] if i else ROOT_HASH
+            hp = self.host.store_full(BlockHash(hashes[i]), BlockHash(parent), tokens[i * p : (i + 1) * p])
+            if hp is not None:
+                write_pages(hs.k, hs.v, hs.specs, "full", p, [hp], value)
+        end = got.end
+        parent = hashes[end - 2] if end > 1 else ROOT_HASH
+        n = self.host.tail_pages(end)
+        hps = self.host.store_tail(
+            BlockHash(hashes[end - 1]), n, BlockHash(parent), tokens[(end - 1) * p : end * p]
+        )
+        if hps is not None:
+            write_pages(hs.k, hs.v, hs.specs, "swa", p, hps, got.tail)
+        req.l3_span = (got.start, got.end)
+
+    def _write_down_l3(self, jobs: Sequence[SpillJob]) -> None:
+        """What went to L2 this step goes to L3 too, copied from the device now, sent in the background."""
+        assert self.l3 is not None
+        p = self.cfg.page_size
+        st = self.store
+        items = []
+        for job in jobs:
+            rows = read_pages(st.k, st.v, st.specs, job.kind, p, job.device).numpy()
+            if job.kind == "full":
+                items += [(self.l3.key_full(k), rows[i]) for i, k in enumerate(job.keys)]
+            else:
+                items.append((self.l3.key_tail(job.keys[0]), rows.reshape(-1)))
+        self.l3.write(items)
+
+    @property
+    def num_staged(self) -> int:
+        return len(self._staged)
+
+    def staged_reqs(self) -> list[Req]:
+        return [st.req for st in self._staged.values()]
 
     # -- disaggregation: KV out of a prefill engine, into a decode engine -----------------------
     def export_kv(self, req: Req) -> KVPayload:
@@ -208,21 +327,30 @@ class Engine:
         from services.engine.request import FinishReason
 
         req.finish(FinishReason.ABORT)
+        self._staged.pop(req.rid, None)  # its lookup's result, if any, is dropped
         self.scheduler.finish(req)
         self.sampler.forget(req.rid)
         self._run_spills()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._staged)
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[Req]:
         """One forward. Returns the requests that got a token (finished ones included)."""
+        if self._staged:
+            self._admit_staged()
         batch = self.scheduler.schedule()
         if not batch:
+            if self._staged:  # nothing to compute until a lookup ends: wait for one, briefly
+                wait([st.fetch for st in self._staged.values()], timeout=0.01, return_when=FIRST_COMPLETED)
             return []
-        self._run_restores(batch)
-        logits = self.runner.forward(batch)
+        restore = self._start_restores(batch)
+        try:
+            logits = self.runner.forward(batch, restore)
+        finally:
+            if restore is not None:
+                restore.finish()
         sampling = [st for st in batch if st.samples]
         picked = self.sampler.sample(
             logits, [st.req.rid for st in sampling], [st.req.params for st in sampling]
@@ -245,16 +373,23 @@ class Engine:
         self._run_spills()
         return [st.req for st in sampling]
 
-    def _run_restores(self, batch: list[Any]) -> None:
-        """L2 -> L1 for the requests just admitted with a host hit (before they are read)."""
+    def _start_restores(self, batch: list[Any]) -> LayerwiseRestore | None:
+        """L2 -> L1 for the requests just admitted with a host hit, before the forward reads them:
+        layer by layer beside the forward (layer_restore.py), or all of it now."""
+        jobs = [st.req.restore for st in batch if st.req.restore is not None]
         for st in batch:
-            job = st.req.restore
-            if job is None:
-                continue
-            assert self.host_store is not None
+            st.req.restore = None
+        if not jobs:
+            return None
+        assert self.host_store is not None
+        if self.cfg.layerwise_restore:
+            if self._restore_pool is None:
+                self._restore_pool = ThreadPoolExecutor(1, thread_name_prefix="layer-restore")
+            return LayerwiseRestore(self.host_store, self.store, jobs, self._restore_pool)
+        for job in jobs:
             self.host_store.load(self.store, "full", job.full_host, job.full_device)
             self.host_store.load(self.store, "swa", job.swa_host, job.swa_device)
-            st.req.restore = None
+        return None
 
     def _run_spills(self) -> None:
         """L1 -> L2 write-through of what the radix cache took this step (in order: a host page
@@ -269,6 +404,8 @@ class Engine:
                     last.update(zip(job.host, job.device, strict=True))
             if last:
                 self.host_store.save(self.store, kind, list(last.values()), list(last.keys()))
+        if self.l3 is not None:
+            self._write_down_l3(jobs)
 
     def run(self) -> None:
         while self.has_work():

@@ -60,6 +60,7 @@ class ReqEvent:
     result: Any = None  # what on_finish returned (last event)
     cached_len: int = 0  # prompt tokens that came from the prefix cache
     cached_l2: int = 0  # of cached_len, restored from the host tier (L2)
+    cached_l3: int = 0  # of cached_len, fetched from L3 (GCache) through L2
     at: float = field(default_factory=time.monotonic)
 
     @property
@@ -325,6 +326,7 @@ class EngineLoop:
                         completion_tokens=len(req.output_ids),
                         cached_len=req.cached_len,
                         cached_l2=req.cached_l2,
+                        cached_l3=req.cached_l3,
                     )
                 )
         if not reqs and not engine.scheduler.running and engine.scheduler.waiting:
@@ -357,6 +359,7 @@ class EngineLoop:
             result=handle._finish_result,
             cached_len=req.cached_len,
             cached_l2=req.cached_l2,
+            cached_l3=req.cached_l3,
         )
 
     def _on_engine_finish(self, req: Req) -> None:
@@ -388,10 +391,11 @@ class EngineLoop:
     def _publish_stats(self) -> None:
         e = self.engine
         sched = e.scheduler
-        active = sched.running + sched.waiting
+        staged = e.staged_reqs()  # waiting for an L3 lookup: queued as far as callers are concerned
+        active = sched.running + sched.waiting + staged
         self.stats = LoopStats(
             running=len(sched.running),
-            waiting=len(sched.waiting),
+            waiting=len(sched.waiting) + len(staged),
             free_tokens=e.free_tokens(),
             capacity_tokens=e.full_pool.num_pages * e.cfg.page_size,
             queued_tokens=sum(r.seq_len - r.computed_len for r in active if r.in_prefill),

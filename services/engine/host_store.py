@@ -59,15 +59,21 @@ class HostKVStore:
     def load(
         self, device: KVStore, kind: str, host_pages: Sequence[int], device_pages: Sequence[int]
     ) -> None:
-        """Copy host pages of `kind` into device pages (same order)."""
+        """Copy host pages of `kind` into device pages (same order), every layer of that kind."""
+        for i, spec in enumerate(self.specs):
+            if spec.kind == kind:
+                self.load_layer(device, i, host_pages, device_pages)
+
+    @torch.inference_mode()
+    def load_layer(
+        self, device: KVStore, layer: int, host_pages: Sequence[int], device_pages: Sequence[int]
+    ) -> None:
+        """Copy host pages of one layer into device pages (same order): layer_restore.py's unit."""
         if not host_pages:
             return
-        target = device.k[0].device
+        target = device.k[layer].device
         dev_idx = torch.tensor(list(device_pages), device=target)
         host_idx = torch.tensor(list(host_pages))
-        for i, spec in enumerate(self.specs):
-            if spec.kind != kind:
-                continue
-            for src, dst in ((self.k[i], device.k[i]), (self.v[i], device.v[i])):
-                pages = src.index_select(0, host_idx).to(target)
-                dst.view(-1, self.page_size, *dst.shape[1:]).index_copy_(0, dev_idx, pages)
+        for src, dst in ((self.k[layer], device.k[layer]), (self.v[layer], device.v[layer])):
+            pages = src.index_select(0, host_idx).to(target)
+            dst.view(-1, self.page_size, *dst.shape[1:]).index_copy_(0, dev_idx, pages)

@@ -9,7 +9,7 @@ import torch
 from services.engine.attention_backend import SeqSegment
 from services.engine.kv_store import KVStore
 from services.engine.model import CausalLM
-from services.engine.paged_backend import PagedBackend
+from services.engine.paged_backend import LayerWait, PagedBackend
 from services.engine.scheduler import ScheduledStep
 
 
@@ -20,7 +20,7 @@ class ModelRunner:
         self.device = torch.device(device)
 
     @torch.inference_mode()
-    def forward(self, batch: Sequence[ScheduledStep]) -> torch.Tensor:
+    def forward(self, batch: Sequence[ScheduledStep], restore: LayerWait | None = None) -> torch.Tensor:
         """Run one step; returns fp32 logits [n_sampled, vocab], one row per step with `samples`."""
         ids: list[int] = []
         positions: list[torch.Tensor] = []
@@ -32,7 +32,7 @@ class ModelRunner:
             positions.append(torch.arange(s, e))
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.cat(positions).to(self.device)
-        backend = PagedBackend(self.store, segments, [st.slots for st in batch])
+        backend = PagedBackend(self.store, segments, [st.slots for st in batch], restore)
         hidden = self.model(input_ids, pos, backend)
         rows = [seg.batch_start + seg.num_tokens - 1 for seg, st in zip(segments, batch, strict=True) if st.samples]
         if not rows:

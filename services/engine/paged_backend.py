@@ -13,6 +13,8 @@ gather's copy dominate.)
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from services.engine.attention import attention_reference
@@ -47,15 +49,30 @@ class _Decodes:
         self.full_ctx = [_t(st.full_read + st.full_write, device) for st in steps]
         self.swa_ctx = [_t(st.swa_read + st.swa_write, device) for st in steps]
         self.full_write = _t([w for st in steps for w in st.full_write], device)
-        self.full_write_rows = _t([s.batch_start for s, st in zip(segs, steps, strict=True) if st.full_write], device)
+        self.full_write_rows = _t(
+            [s.batch_start for s, st in zip(segs, steps, strict=True) if st.full_write], device
+        )
         self.swa_write = _t([w for st in steps for w in st.swa_write], device)
-        self.swa_write_rows = _t([s.batch_start for s, st in zip(segs, steps, strict=True) if st.swa_write], device)
+        self.swa_write_rows = _t(
+            [s.batch_start for s, st in zip(segs, steps, strict=True) if st.swa_write], device
+        )
+
+
+class LayerWait(Protocol):
+    def wait(self, layer: int) -> None: ...
 
 
 class PagedBackend:
-    def __init__(self, store: KVStore, segments: list[SeqSegment], steps: list[StepSlots]) -> None:
+    def __init__(
+        self,
+        store: KVStore,
+        segments: list[SeqSegment],
+        steps: list[StepSlots],
+        restore: LayerWait | None = None,
+    ) -> None:
         device = store.k[0].device if store.k else torch.device("cpu")
         self.store = store
+        self.restore = restore  # KV being restored into this step's pages, layer by layer
         self.segments = segments
         pairs = list(zip(segments, steps, strict=True))
         self.chunks = [_SeqIndex(seg, st, device) for seg, st in pairs if seg.num_tokens > 1]
@@ -64,6 +81,8 @@ class PagedBackend:
 
     def attend(self, layer: LayerAttn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         swa = self.store.specs[layer.layer_id].kind == "swa"
+        if self.restore is not None:
+            self.restore.wait(layer.layer_id)
         if swa != (layer.window is not None):
             raise RuntimeError(f"layer {layer.layer_id}: pool kind and attention window disagree")
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
@@ -78,12 +97,16 @@ class PagedBackend:
     ) -> torch.Tensor:
         kbuf, vbuf = self.store.k[layer.layer_id], self.store.v[layer.layer_id]
         write, write_rows, ctxs = (
-            (d.swa_write, d.swa_write_rows, d.swa_ctx) if swa else (d.full_write, d.full_write_rows, d.full_ctx)
+            (d.swa_write, d.swa_write_rows, d.swa_ctx)
+            if swa
+            else (d.full_write, d.full_write_rows, d.full_ctx)
         )
         kbuf.index_copy_(0, write, k.index_select(0, write_rows).to(kbuf.dtype))
         vbuf.index_copy_(0, write, v.index_select(0, write_rows).to(vbuf.dtype))
         hq, hkv, dim = q.shape[1], k.shape[1], q.shape[2]
-        qs = (q.index_select(0, d.rows).float() * layer.scale).reshape(-1, hkv, hq // hkv, dim)  # [B, Hkv, G, D]
+        qs = (q.index_select(0, d.rows).float() * layer.scale).reshape(
+            -1, hkv, hq // hkv, dim
+        )  # [B, Hkv, G, D]
         sinks = layer.sinks.float().reshape(hkv, hq // hkv, 1) if layer.sinks is not None else None
         outs = []
         for i, ctx in enumerate(ctxs):
@@ -111,6 +134,12 @@ class PagedBackend:
         kbuf.index_copy_(0, write, ks[tail:])
         vbuf.index_copy_(0, write, vs[tail:])
         return attention_reference(
-            q, k_ctx.to(q.dtype), v_ctx.to(q.dtype), ix.q_pos, k_pos,
-            window=layer.window, sinks=layer.sinks, scale=layer.scale,
+            q,
+            k_ctx.to(q.dtype),
+            v_ctx.to(q.dtype),
+            ix.q_pos,
+            k_pos,
+            window=layer.window,
+            sinks=layer.sinks,
+            scale=layer.scale,
         )

@@ -48,6 +48,8 @@ class Req:
     first_token_time: float | None = None
     prompt_tail_cached: bool = False  # the prompt's page-aligned prefix is in the radix cache
     cached_l2: int = 0  # of cached_len, tokens restored from the host tier (L2) rather than L1
+    cached_l3: int = 0  # of cached_len, tokens that came from L3 (GCache), through L2
+    l3_span: tuple[int, int] | None = None  # pages an L3 lookup installed into L2 for this request
     checkpoint: int = 0  # a branch point to cache with its SWA tail when computed_len reaches it
     # engine-owned handles (page table, radix lock, L2 restore to run before the forward); opaque here
     pages: Any = None

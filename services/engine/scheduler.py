@@ -152,13 +152,13 @@ class Scheduler:
         if match is not None and cached:
             self.cache.lock(match.node)  # before anything below may evict
             req.cache_node = match.node
-        restored = 0
+        restored = req.cached_l3 = 0
         if match is not None and self.host is not None:
             restored = self._restore(req, pages, match, cached)
         if restored == 0 and match is not None and cached:
             pages.adopt_prefix(cached, match.full_pages, match.swa_pages)
         req.pages = pages
-        req.cached_l2 = restored
+        req.cached_l2 = restored - req.cached_l3
         cached += restored
         req.cached_len = req.computed_len = cached
         req.checkpoint = 0
@@ -181,7 +181,7 @@ class Scheduler:
         """Extend the L1 prefix from L2 if it has more; returns the tokens restored (0: none)."""
         assert self.host is not None
         p = self.cfg.page_size
-        hashes = self._page_hashes(req, req.seq_len - 1)  # the last token is always computed
+        hashes = self.page_hashes(req, req.seq_len - 1)  # the last token is always computed
         hit: HostHit | None = self.host.lookup(hashes, cached // p)
         if hit is None:
             return 0
@@ -195,9 +195,12 @@ class Scheduler:
                     return 0
         req.restore = RestoreJob(hit.full, tuple(new_full), hit.tail, tuple(new_swa))
         self.host.use(hashes, hit)
+        if req.l3_span is not None:  # pages an L3 lookup put into L2 for this request count as L3
+            lo, hi = max(req.l3_span[0], cached // p), min(req.l3_span[1], hit.end)
+            req.cached_l3 = max(0, hi - lo) * p
         return hit.end * p - cached
 
-    def _page_hashes(self, req: Req, num_tokens: int) -> list[BlockHash]:
+    def page_hashes(self, req: Req, num_tokens: int) -> list[BlockHash]:
         """Block hashes of req's full pages within [0, num_tokens), extending req.page_hashes."""
         p = self.cfg.page_size
         have = req.page_hashes
@@ -212,9 +215,10 @@ class Scheduler:
         assert self.host is not None
         p = self.cfg.page_size
         n = length // p
-        hashes = self._page_hashes(req, length)
+        hashes = self.page_hashes(req, length)
         dev: list[int] = []
         host: list[int] = []
+        keys: list[BlockHash] = []
         tokens = req.all_ids
         for i in range(n):
             parent = hashes[i - 1] if i else ROOT_HASH
@@ -222,14 +226,16 @@ class Scheduler:
             if hp is not None:
                 dev.append(full[i])
                 host.append(hp)
+                keys.append(hashes[i])
         if dev:
-            self.spills.append(SpillJob("full", tuple(dev), tuple(host)))
+            self.spills.append(SpillJob("full", tuple(dev), tuple(host), tuple(keys)))
         tail = swa[swa_keep_start(length, p, self.cfg.window) // p : n]
         if tail and all(pg is not None for pg in tail):
             parent = hashes[n - 2] if n > 1 else ROOT_HASH
             hps = self.host.store_tail(hashes[n - 1], len(tail), parent, tokens[(n - 1) * p : n * p])
             if hps is not None:
-                self.spills.append(SpillJob("swa", tuple(pg for pg in tail if pg is not None), hps))
+                dev_tail = tuple(pg for pg in tail if pg is not None)
+                self.spills.append(SpillJob("swa", dev_tail, hps, (hashes[n - 1],)))
 
     def _plan(self, req: Req, end: int, batch: list[ScheduledStep]) -> StepSlots | None:
         """Pages for req's step to `end`, evicting and then preempting as needed.
@@ -266,7 +272,7 @@ class Scheduler:
                 del batch[i]
                 break
         self._release(req)
-        req.cached_len = req.computed_len = req.cached_l2 = req.checkpoint = 0
+        req.cached_len = req.computed_len = req.cached_l2 = req.cached_l3 = req.checkpoint = 0
         req.restore = None
         req.status = ReqStatus.WAITING
         req.num_preemptions += 1

@@ -56,6 +56,14 @@ def add_engine_args(p: argparse.ArgumentParser, queue_policy: str) -> None:
         "--host-kv-tokens", type=int, default=0,
         help="L2: full-attention tokens of KV kept in host memory behind the prefix cache (0: no L2)",
     )  # fmt: skip
+    p.add_argument(
+        "--gcache-redis-url", default="",
+        help="L3: the Redis where GCache nodes register; empty: no L3 (needs --host-kv-tokens)",
+    )  # fmt: skip
+    p.add_argument(
+        "--l3-model-name", default="",
+        help="names the weights in L3 keys: workers share L3 blocks only under one name (default: --model)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--torch-threads", type=int, default=None, help="default: $SWASERVE_TORCH_THREADS or all cores"
@@ -140,6 +148,20 @@ def chain_after_step(loop: EngineLoop, hook: Callable[[Engine], None]) -> None:
     loop.after_step = both
 
 
+def attach_l3(engine: Engine, args: argparse.Namespace) -> Any:
+    """Connect the engine to GCache as its L3 if --gcache-redis-url is set; returns the client."""
+    if not args.gcache_redis_url:
+        return None
+    if engine.host is None:
+        raise SystemExit("--gcache-redis-url needs --host-kv-tokens > 0: L3 is restored through L2")
+    from services.gcache.client import GCacheClient
+
+    client = GCacheClient(args.gcache_redis_url)
+    engine.attach_l3(client, args.l3_model_name or args.model)
+    log.info("L3: GCache at %s, namespace %s", args.gcache_redis_url, engine.l3.ns if engine.l3 else "")
+    return client
+
+
 BuildFn = Callable[[EngineLoop, grpc.Server, Any], Built]
 
 
@@ -150,6 +172,7 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
     )
     model_dir = resolve_model(args.model)
     engine = Engine.from_dir(model_dir, engine_config(args))
+    l3_client = attach_l3(engine, args)
     loop = EngineLoop(engine, threads=args.torch_threads, name=f"{role}-engine").start()
     server, port = make_server(args.host, args.port)
     built = build(loop, server, metrics)
@@ -207,4 +230,8 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
     server.stop(grace=5.0).wait()
     built.close()
     loop.stop()
+    if engine.l3 is not None:
+        engine.l3.close()
+    if l3_client is not None:
+        l3_client.close()
     return code

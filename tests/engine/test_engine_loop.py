@@ -89,11 +89,11 @@ def test_a_failing_step_fails_the_running_requests_and_the_loop_goes_on(loop, ex
     real_forward = runner.forward
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(batch, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("boom")
-        return real_forward(batch)
+        return real_forward(batch, *args)
 
     runner.forward = flaky
     try:

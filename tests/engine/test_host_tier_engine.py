@@ -108,3 +108,44 @@ def test_batches_preemption_and_l2_together(mimo):
         for p, r in zip(prompts, reqs, strict=True):
             _check(mimo, first, r, p)
     assert eng.full_pool.num_free + eng.cache.evictable_full_pages() == eng.full_pool.num_pages
+
+
+class _SlowHostStore:
+    """Wraps the engine's real host store: each layer's copy takes 20 ms and is logged, so the
+    forward reaches most layers before their KV is in place unless it waits for them."""
+
+    def __init__(self, inner, log: list[int]) -> None:
+        self._inner, self._log = inner, log
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load_layer(self, device, layer, host_pages, device_pages) -> None:
+        import time
+
+        time.sleep(0.02)
+        self._inner.load_layer(device, layer, host_pages, device_pages)
+        self._log.append(layer)
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_layer_wise_restore_waits_for_each_layer_and_equals_recompute(mimo, layerwise):
+    rng = random.Random(12)
+    convs = [[rng.randrange(250) for _ in range(45 + 5 * i)] for i in range(4)]
+    eng, first = _engine(mimo, host_kv_tokens=2048, layerwise_restore=layerwise)
+    loads: list[int] = []
+    eng.host_store = _SlowHostStore(eng.host_store, loads)  # type: ignore[assignment]
+    restored = 0
+    for turn in range(2):
+        for conv in convs:
+            if turn:
+                conv += [rng.randrange(250) for _ in range(4)]
+            (req,) = eng.generate([list(conv)], GREEDY)
+            _check(mimo, first, req, conv)
+            restored += req.cached_l2
+            conv += req.output_ids
+    assert restored > 0
+    if layerwise:  # one layer at a time, in model order (the blocking path copies all at once)
+        layers = len(mimo.config.kv_geometries)
+        assert loads and len(loads) % layers == 0
+        assert loads[:layers] == list(range(layers))

@@ -219,3 +219,4 @@ class SpillJob:
     kind: str  # "full" | "swa"
     device: tuple[int, ...]
     host: tuple[int, ...]
+    keys: tuple[BlockHash, ...] = ()  # full: each page's block hash; swa: the hash the tail ends at
