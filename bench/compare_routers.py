@@ -44,6 +44,8 @@ from bench.replay.prompts import BLOCK_MODES  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
 
 TRACES = ("mooncake_fast25/conversation_trace.jsonl", "mooncake_fast25/synthetic_trace.jsonl")
+FULL_POLICIES = ("round-robin", "least-load", "swaserve-seed", "swaserve-cost", "sglang-cache-aware",
+                 "vllm-cache-aware")  # the table; --policies adds swaserve-affinity(-safe)  # fmt: skip
 VLLM_RENDER_WORKERS = 4  # vllm-router renders each prompt on every worker: wall rate x 4 / workers
 
 
@@ -118,7 +120,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
     quick = a.quick
     traces = a.trace or [a.traces_dir / t for t in (TRACES[:1] if quick else TRACES)]
     main = _names(
-        a.policies, ["round-robin", "swaserve-seed", "sglang-cache-aware"] if quick else list(POLICIES)
+        a.policies, ["round-robin", "swaserve-seed", "sglang-cache-aware"] if quick else list(FULL_POLICIES)
     )
     return replace_ns(
         a,

@@ -46,6 +46,7 @@ class Policy:
     name: str  # as in the table
     router: RouterKind
     arg: str  # our --prefill-policy, or the other router's --policy
+    extra: tuple[str, ...] = ()  # more router flags
 
     @property
     def prompt_mode(self) -> str:
@@ -59,6 +60,8 @@ POLICIES = {
         Policy("least-load", "swaserve", "load"),
         Policy("swaserve-seed", "swaserve", "seed"),
         Policy("swaserve-cost", "swaserve", "cost"),
+        Policy("swaserve-affinity", "swaserve", "affinity"),
+        Policy("swaserve-affinity-safe", "swaserve", "affinity", ("--raw-match-credit", "0")),
         Policy("sglang-cache-aware", "sglang", "cache_aware"),
         Policy("vllm-cache-aware", "vllm", "cache_aware"),
     )
@@ -111,9 +114,9 @@ def router_argv(
         return [sys.executable, "-m", "services.router.main", "--host", "127.0.0.1", "--port", str(port),
                 "--model", OUR_MODEL, "--redis-url", redis_url, "--kv-transport", "grpc",
                 "--max-context", str(MAX_CONTEXT), "--prefill-policy", policy.arg,
-                "--kv-window", str(window), "--log-level", "warning"]  # fmt: skip
+                "--kv-window", str(window), "--log-level", "warning", *policy.extra]  # fmt: skip
     common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers, "--policy", policy.arg,
-              "--prometheus-port", str(free_port())]  # fmt: skip
+              "--prometheus-port", str(free_port()), *policy.extra]  # fmt: skip
     if policy.router == "sglang":
         return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
     return [str(VLLM_ROUTER), *common, "--log-level", "warning"]

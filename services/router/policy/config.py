@@ -126,6 +126,8 @@ class PolicyConfig:
     prefill_policy: str = "seed"  # a PREFILL_PRESETS name, unless prefill_profile is given
     match_weight: float = 1.0  # seed: score = match_weight * safe_match_fraction - normalized_load
     load_floor_tokens: int = 0  # seed: normalize loads by at least this (and the prompt length)
+    affinity_match_weight: float = 2.0  # affinity: weight of the match fraction (seed's match_weight is 1)
+    raw_match_credit: float = 0.5  # affinity: credit of full-KV-only blocks beyond the window-safe match
     prefill_tokens_per_s: float = 8192.0  # cost: prefill speed of a worker without a label saying so
     prefill_overhead_s: float = 0.0  # cost: fixed time per prefill
     tier_credit: TierCredit = field(default_factory=TierCredit)
@@ -142,8 +144,10 @@ class PolicyConfig:
             raise ValueError("page_size must be > 0 and window >= 0")
         if self.prefill_tokens_per_s <= 0 or self.prefill_overhead_s < 0:
             raise ValueError("prefill_tokens_per_s must be > 0 and prefill_overhead_s >= 0")
-        if self.match_weight < 0 or self.load_floor_tokens < 0:
-            raise ValueError("match_weight and load_floor_tokens must be >= 0")
+        if self.match_weight < 0 or self.load_floor_tokens < 0 or self.affinity_match_weight < 0:
+            raise ValueError("match_weight, affinity_match_weight and load_floor_tokens must be >= 0")
+        if not 0.0 <= self.raw_match_credit <= 1.0:
+            raise ValueError("raw_match_credit must be in [0, 1]")
         if self.prefill_profile is None and self.prefill_policy not in PREFILL_PRESETS:
             raise ValueError(f"prefill_policy must be one of {sorted(PREFILL_PRESETS)}")
         _checked_buckets(self.buckets)
@@ -198,6 +202,10 @@ def _seed(c: PolicyConfig) -> ProfileSpec:
     return ProfileSpec(PREFILL_FILTERS, (("prefix_match", c.match_weight), ("load", 1.0)))
 
 
+def _affinity(c: PolicyConfig) -> ProfileSpec:
+    return ProfileSpec(PREFILL_FILTERS, (("prefix_match_raw", c.affinity_match_weight), ("load_abs", 1.0)))
+
+
 def _cost(c: PolicyConfig) -> ProfileSpec:
     return ProfileSpec(PREFILL_FILTERS, (("cost", 1.0),))
 
@@ -206,7 +214,7 @@ def _load(c: PolicyConfig) -> ProfileSpec:
     return ProfileSpec(PREFILL_FILTERS, (("load", 1.0),))
 
 
-PREFILL_PRESETS = {"seed": _seed, "cost": _cost, "load": _load}
+PREFILL_PRESETS = {"seed": _seed, "affinity": _affinity, "cost": _cost, "load": _load}
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -216,6 +224,12 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-policy", choices=sorted(PREFILL_PRESETS), help="default: seed")
     g.add_argument("--match-weight", type=float, help="seed policy: weight of the window-safe match (1.0)")
     g.add_argument("--load-floor-tokens", type=int, help="seed policy: least load normalizer (0)")
+    g.add_argument(
+        "--affinity-match-weight", type=float, help="affinity policy: weight of the match fraction (2.0)"
+    )
+    g.add_argument(
+        "--raw-match-credit", type=float, help="affinity policy: credit of full-KV-only matched blocks (0.5)"
+    )
     g.add_argument("--prefill-tokens-per-s", type=float, help="cost policy: prefill speed model (8192)")
     g.add_argument("--tier-credit", type=parse_tier_credit, help="cost policy: l1=1,l2=0.75,l3=0.25")
     g.add_argument(
@@ -231,6 +245,8 @@ _FLAG_FIELDS = {
     "prefill_policy": "prefill_policy",
     "match_weight": "match_weight",
     "load_floor_tokens": "load_floor_tokens",
+    "affinity_match_weight": "affinity_match_weight",
+    "raw_match_credit": "raw_match_credit",
     "prefill_tokens_per_s": "prefill_tokens_per_s",
     "tier_credit": "tier_credit",
     "length_buckets": "buckets",

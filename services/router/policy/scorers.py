@@ -14,6 +14,21 @@ spelled as two scorers, `prefix_match` (weight match_weight) and `load` (weight 
 The prompt length in the normalizer keeps tiny loads tiny: a worker with 10 queued tokens is not
 "fully loaded" next to an idle one when the request itself is 30k tokens.
 
+The `affinity` preset (not the default; the seed stays as DESIGN.md states it) weighs the cache more
+and credits full-KV-only matches partly:
+
+    score = affinity_match_weight * (safe_blocks + raw_match_credit * (raw_blocks - safe_blocks))
+            / query_blocks - load / max(prompt_len, load_floor_tokens)
+
+A worker that holds a prefix's full-attention KV but not the window's SWA KV at its end (`raw`
+beyond `safe`) is not a hit today, but it is where the conversation lives: its next turn's prefill
+there leaves the prompt end (and the branch point) window-safe, so the turn after hits. A weight
+above 1 counts a missed prefix as work the fleet does twice (the request's own prefill and the
+duplicate cached copy), not only as this request's time. The load is in prompt lengths, not
+relative to the busiest candidate (`load_abs`), so the comparison is in tokens: a holder keeps the
+request while its extra backlog is under match_weight times the extra tokens it has cached (the
+seed's relative load would let a holder with any backlog win once its match beats the others').
+
 The cost scorer predicts time to first token on each worker:
 
     cached   = l1 * L1 + l2 * (L2 - L1)+ + l3 * (L3 - max(L1, L2))+     (tokens; credits by tier)
@@ -42,6 +57,25 @@ class PrefixMatchScorer(Scorer):
         return [min(req.hit(c).safe_blocks, n) / n for c in cands]
 
 
+class RawPrefixMatchScorer(Scorer):
+    """The window-safe fraction plus `raw_match_credit` times the full-KV-only fraction beyond it."""
+
+    name = "prefix_match_raw"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        n = req.query_blocks
+        if n == 0 or not req.index_usable:
+            return [0.0] * len(cands)
+        credit = self.config.raw_match_credit
+        out = []
+        for c in cands:
+            hit = req.hit(c)
+            safe = min(hit.safe_blocks, n)
+            raw = min(max(hit.raw_blocks, safe), n)
+            out.append((safe + credit * (raw - safe)) / n)
+        return out
+
+
 class LoadScorer(Scorer):
     """1 - normalized_load (see the module doc)."""
 
@@ -51,6 +85,17 @@ class LoadScorer(Scorer):
         loads = [c.load_tokens for c in cands]
         denom = max(max(loads, default=0), req.prompt_len, self.config.load_floor_tokens, 1)
         return [1.0 - load / denom for load in loads]
+
+
+class AbsoluteLoadScorer(Scorer):
+    """1 - load / max(prompt_len, load_floor_tokens): loads in units of the request's own length.
+    Not bounded below by 0 (a backlog of 3 prompts scores -2): differences stay in tokens."""
+
+    name = "load_abs"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        denom = max(req.prompt_len, self.config.load_floor_tokens, 1)
+        return [1.0 - c.load_tokens / denom for c in cands]
 
 
 class CostScorer(Scorer):
