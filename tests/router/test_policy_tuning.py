@@ -85,18 +85,16 @@ def test_a_busy_holder_loses_under_the_seed_and_keeps_the_request_under_affinity
     aff = replace(CFG, prefill_policy="affinity")
     aff_best, scores = rank(aff, request(n, hits), cands)
     assert seed_best == "idle" and aff_best == "holder"
-    # the scores are the formulas: match_weight * fraction + 1 - load / max(loads, prompt) (seed) or
-    # 1 - load / prompt (affinity)
+    # the scores are the formulas: weight * fraction + 1 - load / max(loads, prompt)
     frac = int(0.9 * q) / q
     assert seed["holder"] == pytest.approx(frac + 1 - 12_000 / n)
     assert scores["holder"] == pytest.approx(2 * frac + 1 - 12_000 / n)
     assert scores["idle"] == pytest.approx(2 * 32 / q + 1)
-    # the holder keeps it while its extra backlog < 2 x its extra cached tokens (~2 x 11.2k), not beyond;
-    # the seed's relative load would score any backlog of the busiest worker the same
-    edge = 2 * (int(0.9 * q) - 32) * PAGE
-    assert rank(aff, request(n, hits), [cand("holder", queued=edge - 100), cand("idle")])[0] == "holder"
-    assert rank(aff, request(n, hits), [cand("holder", queued=edge + 100), cand("idle")])[0] == "idle"
-    assert rank(aff, request(n, hits), [cand("holder", queued=200_000), cand("idle")])[0] == "idle"
+    # with relative loads a holder whose match fraction beats the others' by more than 1 / weight
+    # keeps its conversation whatever its backlog (as the seed does at weight 1 only for a full match)
+    assert rank(aff, request(n, hits), [cand("holder", queued=200_000), cand("idle")])[0] == "holder"
+    low = {"holder": PrefixHit(int(0.4 * q), int(0.4 * q)), "idle": PrefixHit(32, 32)}
+    assert rank(aff, request(n, low), [cand("holder", queued=200_000), cand("idle")])[0] == "idle"
 
 
 def test_a_full_kv_holder_wins_a_tie_of_window_safe_matches_only_under_affinity() -> None:
@@ -115,7 +113,7 @@ def test_the_seed_preset_is_unchanged_by_the_affinity_fields() -> None:
     assert a.prefill_spec() == PolicyConfig().prefill_spec()
     assert PolicyConfig().prefill_spec().scorers == (("prefix_match", 1.0), ("load", 1.0))
     assert replace(CFG, prefill_policy="affinity").prefill_spec().scorers == (
-        ("prefix_match_raw", 2.0), ("load_abs", 1.0))  # fmt: skip
+        ("prefix_match_raw", 2.0), ("load", 1.0))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -138,7 +136,7 @@ def test_flags_set_the_affinity_fields() -> None:
     )
     cfg = policy_config_from_args(args, default_window=128)
     assert (cfg.prefill_policy, cfg.affinity_match_weight, cfg.raw_match_credit) == ("affinity", 3.0, 0.25)
-    assert cfg.prefill_spec().scorers == (("prefix_match_raw", 3.0), ("load_abs", 1.0))
+    assert cfg.prefill_spec().scorers == (("prefix_match_raw", 3.0), ("load", 1.0))
 
 
 def test_absolute_load_is_in_prompt_lengths_with_the_floor() -> None:

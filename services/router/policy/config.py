@@ -203,7 +203,7 @@ def _seed(c: PolicyConfig) -> ProfileSpec:
 
 
 def _affinity(c: PolicyConfig) -> ProfileSpec:
-    return ProfileSpec(PREFILL_FILTERS, (("prefix_match_raw", c.affinity_match_weight), ("load_abs", 1.0)))
+    return ProfileSpec(PREFILL_FILTERS, (("prefix_match_raw", c.affinity_match_weight), ("load", 1.0)))
 
 
 def _cost(c: PolicyConfig) -> ProfileSpec:

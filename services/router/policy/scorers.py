@@ -18,16 +18,16 @@ The `affinity` preset (not the default; the seed stays as DESIGN.md states it) w
 and credits full-KV-only matches partly:
 
     score = affinity_match_weight * (safe_blocks + raw_match_credit * (raw_blocks - safe_blocks))
-            / query_blocks - load / max(prompt_len, load_floor_tokens)
+            / query_blocks - normalized_load
 
 A worker that holds a prefix's full-attention KV but not the window's SWA KV at its end (`raw`
 beyond `safe`) is not a hit today, but it is where the conversation lives: its next turn's prefill
 there leaves the prompt end (and the branch point) window-safe, so the turn after hits. A weight
 above 1 counts a missed prefix as work the fleet does twice (the request's own prefill and the
-duplicate cached copy), not only as this request's time. The load is in prompt lengths, not
-relative to the busiest candidate (`load_abs`), so the comparison is in tokens: a holder keeps the
-request while its extra backlog is under match_weight times the extra tokens it has cached (the
-seed's relative load would let a holder with any backlog win once its match beats the others').
+duplicate cached copy), not only as this request's time. The load is the seed's (relative to
+the busiest candidate). `load_abs` (1 - load / max(prompt_len, load_floor_tokens), loads in
+prompt lengths) is there for profiles; in the window-128 comparison it made the holder lose
+more often (a short next turn behind a long backlog), so the preset does not use it.
 
 The cost scorer predicts time to first token on each worker:
 
