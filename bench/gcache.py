@@ -56,19 +56,35 @@ MiB = 1 << 20
 Op = tuple[Callable[[], object], Callable[[], None]]  # the timed call, and what runs after it
 
 
-def run_interleaved(ops: dict[str, Op], reps: int) -> dict[str, list[float]]:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of this process, or of another one from /proc."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_interleaved(ops: dict[str, Op], reps: int, servers: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:  # fmt: skip
     """One warm-up round, then `reps` rounds running every op once in turn: load from other jobs
-    on the machine hits all paths alike instead of whichever ran at the wrong moment."""
+    on the machine hits all paths alike instead of whichever ran at the wrong moment. Returns the
+    times, and per op the CPU seconds of this process and of its server process (`servers`: op ->
+    pid) over the timed calls: what a path costs, which other jobs' load does not change much."""
     times: dict[str, list[float]] = {name: [] for name in ops}
+    cpu = dict.fromkeys(ops, (0.0, 0.0))
     for rnd in range(reps + 1):
         for name, (fn, after) in ops.items():
+            pid = servers.get(name)
+            c0, s0 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
+            c1, s1 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
             after()  # frees happen here, outside the timed region
             if rnd:
                 times[name].append(dt)
-    return times
+                cpu[name] = (cpu[name][0] + c1 - c0, cpu[name][1] + s1 - s0)
+    return times, cpu
 
 
 def raw_grpc_server(port_queue: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -109,7 +125,7 @@ def start_node(redis_url: str, memory_bytes: int) -> subprocess.Popen[str]:
 
 
 def bench_size(block: int, batch_bytes: int, reps: int, redis_url: str, rds: redis.Redis,
-               raw: grpc.Channel) -> dict[str, float]:  # fmt: skip
+               raw: grpc.Channel, pids: dict[str, int]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:  # fmt: skip
     n = max(1, batch_bytes // block)
     blocks = [os.urandom(block) for _ in range(n)]
     keys = [BlockKey(os.urandom(16)) for _ in range(n)]
@@ -177,7 +193,8 @@ def bench_size(block: int, batch_bytes: int, reps: int, redis_url: str, rds: red
         ops[f"gcache {path} put"] = (put, drop)
         ops[f"gcache {path} get"] = (get, drop)
     try:
-        times = run_interleaved(ops, reps)
+        servers = {op: pids[op.split()[0]] for op in ops if op.split()[0] in pids}
+        times, cpu = run_interleaved(ops, reps, servers)
         for path, c in clients.items():
             calls = {"shm": c.counters.shm_calls, "grpc": c.counters.grpc_calls, "tcp": c.counters.data_calls}
             assert [p for p, n in calls.items() if n] == [path], f"{path}: {c.counters}"
@@ -187,7 +204,9 @@ def bench_size(block: int, batch_bytes: int, reps: int, redis_url: str, rds: red
         for c in clients.values():
             c.close()
         rds.flushdb()
-    return {name: n * block / statistics.median(t) / 1e9 for name, t in times.items()}
+    gb = reps * n * block / 1e9
+    rates = {name: n * block / statistics.median(t) / 1e9 for name, t in times.items()}
+    return rates, {name: (c / gb * 1e3, s / gb * 1e3) for name, (c, s) in cpu.items()}
 
 
 def main() -> None:
@@ -200,6 +219,7 @@ def main() -> None:
     batch = (args.batch_mib or (32 if args.quick else 64)) * MiB
     sizes = [MiB, 4 * MiB]
     results: dict[int, dict[str, float]] = {}
+    cpu: dict[int, dict[str, tuple[float, float]]] = {}
     ctx = mp.get_context("spawn")
     ports: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     raw_server = ctx.Process(target=raw_grpc_server, args=(ports,), daemon=True)
@@ -208,9 +228,11 @@ def main() -> None:
     with RedisServer() as server:
         node = start_node(server.url, memory_bytes=4 * batch + 64 * MiB)
         rds = redis.Redis.from_url(server.url, db=1)
+        assert server.proc is not None and raw_server.pid is not None
+        pids = {"gcache": node.pid, "redis": server.proc.pid, "raw": raw_server.pid}
         try:
             for size in sizes:
-                results[size] = bench_size(size, batch, reps, server.url, rds, raw)
+                results[size], cpu[size] = bench_size(size, batch, reps, server.url, rds, raw, pids)
                 print(f"  {size // MiB} MiB: " + ", ".join(f"{k} {v:.2f}" for k, v in results[size].items()),
                       flush=True)  # fmt: skip
         finally:
@@ -220,6 +242,7 @@ def main() -> None:
             node.terminate()
             node.wait(30)
     print_table(results, reps, batch)
+    print_cpu(cpu)
 
 
 def print_table(results: dict[int, dict[str, float]], reps: int, batch: int) -> None:
@@ -244,6 +267,19 @@ def print_table(results: dict[int, dict[str, float]], reps: int, batch: int) -> 
     print()
     for what, ok in verdicts:
         print(f"goal {what}: {'met' if ok else 'MISSED'}")
+
+
+def print_cpu(cpu: dict[int, dict[str, tuple[float, float]]]) -> None:
+    print("\nCPU per GB moved, ms (1 GB = 1e9 B; /proc ticks of 10 ms): client process + server process "
+          "(the node, redis-server, the raw gRPC server)\n")  # fmt: skip
+    paths = ("gcache tcp", "gcache grpc", "redis", "raw", "gcache shm")
+    print("| block | op | " + " | ".join(paths) + " | tcp / redis |")
+    print("|---|---|" + "---|" * (len(paths) + 1))
+    for size, r in cpu.items():
+        for op in ("put", "get"):
+            tot = {p: sum(r[f"{p} {op}"]) for p in paths}
+            cells = " | ".join(f"{r[f'{p} {op}'][0]:.0f} + {r[f'{p} {op}'][1]:.0f}" for p in paths)
+            print(f"| {size // MiB} MiB | {op} | {cells} | {tot['gcache tcp'] / tot['redis']:.2f}x |")
 
 
 if __name__ == "__main__":
