@@ -5,7 +5,13 @@
 
 Workers are chosen by the routing pipeline (routing.py): one decision per attempt, which gives the
 prefill worker, the decode workers to ask in order, and the uncached-token estimate passed to the
-prefill worker's uncached-first queue. Failures before the first token are retried once (new rid,
+prefill worker's uncached-first queue. The decode ranking needs no page hashes, so an attempt
+ranks the decode workers first and sends Reserve, then hashes the prompt (first attempt only) and
+picks the prefill worker while the Reserve is out:
+
+    rank decode --Reserve(...)----------------------------------> ok --\
+                 hash pages, index match, rank prefill  -----------------+--> Prefill
+ Failures before the first token are retried once (new rid,
 the failed workers avoided) only when a worker could not be reached; every other failure is mapped
 to a RouterError. A worker that answers UNAVAILABLE is reported to the pool as down if it then
 fails a Health probe too (a live worker may answer UNAVAILABLE for a failed KV transfer).
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -37,7 +44,14 @@ from services.router.errors import (
 from services.router.job import FINISH_REASONS, Sampling, TokenChunk
 from services.router.metrics import RouterMetrics
 from services.router.policy import Candidate
-from services.router.routing import CandidateSource, NoCandidate, Prompt, RoutingDecision, RoutingPipeline
+from services.router.routing import (
+    CandidateSource,
+    NoCandidate,
+    Prompt,
+    RoutingDecision,
+    RoutingPipeline,
+    prompt_key,
+)
 from services.router.settings import RouterSettings
 from services.router.workers import Role, WorkerClients, WorkerPool
 
@@ -48,6 +62,16 @@ class _Unreachable(Exception):
     def __init__(self, error: RouterError, addrs: tuple[str, ...]) -> None:
         self.error = error
         self.addrs = addrs  # the workers to avoid on the retry
+
+
+@dataclass
+class _PromptWire:
+    """A prompt as the attempts of one request share it: packed and keyed once, hashed at most once."""
+
+    ids: Sequence[int]
+    packed: bytes  # prompt_wire.pack_ids
+    key: bytes  # routing.prompt_key
+    hashed: Prompt | None = None
 
 
 class Dispatcher:
@@ -65,52 +89,80 @@ class Dispatcher:
         self.routing = routing
         self.clients = clients
         self.metrics = metrics
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def open(self, rid: str, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
         """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
         error: RouterError = NoWorkerAvailable("no worker available")
-        prompt = self.routing.prepare(prompt_ids)  # hashed once for every attempt
-        packed = pack_ids(prompt_ids)  # the wire form, also once (one copy of an array("I"))
+        packed = pack_ids(prompt_ids)  # the wire form, once (one copy of an array("I"))
+        prompt = _PromptWire(prompt_ids, packed, prompt_key(packed))
         failed: set[str] = set()
         for attempt in range(self.settings.max_attempts):
             if attempt and self.metrics is not None:
                 self.metrics.retries.inc()
             try:
                 return await self._open_once(
-                    rid if attempt == 0 else f"{rid}-r{attempt}", packed, prompt, sampling, failed
+                    rid if attempt == 0 else f"{rid}-r{attempt}", prompt, sampling, failed
                 )
             except _Unreachable as e:
                 error = e.error
                 failed.update(e.addrs)
         raise error
 
-    def route(self, prompt: Prompt, sampling: Sampling, failed: Collection[str] = ()) -> RoutingDecision:
-        """The routing decision for one attempt (timed and counted in the metrics)."""
+    def route(
+        self,
+        prompt: Prompt,
+        sampling: Sampling,
+        failed: Collection[str] = (),
+        decode_ranking: Sequence[Candidate] | None = None,
+        spent_s: float = 0.0,
+    ) -> RoutingDecision:
+        """The routing decision for one attempt (timed and counted in the metrics; `spent_s`: time
+        already spent on it, ranking the decode workers)."""
         t0 = time.perf_counter()
         try:
             decision = self.routing.decide(
                 prompt,
                 self._candidates("prefill"),
-                self._candidates("decode"),
+                self._candidates("decode") if decode_ranking is None else (),
                 max_tokens=sampling.max_tokens,
                 exclude=failed,
+                decode_ranking=decode_ranking,
             )
         except NoCandidate as e:
             raise NoWorkerAvailable(f"no {e.role} worker is available") from None
         if self.metrics is not None:
-            self.metrics.observe_decision(decision, time.perf_counter() - t0)
+            self.metrics.observe_decision(decision, time.perf_counter() - t0 + spent_s)
         return decision
 
     async def _open_once(
-        self, rid: str, packed: bytes, prompt: Prompt, sampling: Sampling, failed: Collection[str]
+        self, rid: str, prompt: _PromptWire, sampling: Sampling, failed: Collection[str]
     ) -> Generation:
-        decision = self.route(prompt, sampling, failed)
-        decode = await self._reserve(rid, decision.decode_ranking, len(prompt.token_ids), sampling.max_tokens)
+        t0 = time.perf_counter()
+        self._candidates("prefill")  # discovery trouble is reported as before, prefill first
+        n = len(prompt.ids)
+        decodes = self.routing.rank_decode(
+            n, prompt.key, self._candidates("decode"), max_tokens=sampling.max_tokens, exclude=failed
+        )
+        spent = time.perf_counter() - t0
+        reserve = None
+        if decodes:  # else route() raises the error: no decode (or no prefill) worker
+            reserve = asyncio.ensure_future(self._reserve(rid, decodes, n, sampling.max_tokens))
+        try:
+            await asyncio.sleep(0)  # the Reserve goes out before the hashing below holds the loop
+            if prompt.hashed is None:
+                prompt.hashed = self.routing.prepare(prompt.ids, prompt.key)
+            decision = self.route(prompt.hashed, sampling, failed, decodes, spent)
+            if reserve is None:
+                raise NoWorkerAvailable("no decode worker is available")  # unreachable: route() raised
+            decode = await reserve
+        except BaseException:
+            self._release_reserve(reserve, rid)
+            raise
         prefill = decision.prefill
         request = worker_pb2.PrefillRequest(
             rid=rid,
-            prompt_ids_packed=packed,
+            prompt_ids_packed=prompt.packed,
             sampling=sampling.to_proto(),
             decode_addr=decode.addr,
             kv_transport=self.settings.kv_transport,
@@ -137,8 +189,29 @@ class Dispatcher:
             _check_finish(reply.finish_reason, "prefill")
         first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
         return Generation(
-            self, rid, decode.addr, packed, sampling, first, reply.cached_tokens, reply.cached_tokens_l2
+            self,
+            rid,
+            decode.addr,
+            prompt.packed,
+            sampling,
+            first,
+            reply.cached_tokens,
+            reply.cached_tokens_l2,
         )
+
+    def _release_reserve(self, reserve: asyncio.Future[Candidate] | None, rid: str) -> None:
+        """The attempt failed before its Prefill: give back whatever its Reserve gets. The Reserve
+        is let finish rather than cancelled, so that the Abort reaches the worker after it."""
+        if reserve is None:
+            return
+
+        def release(done: asyncio.Future[Candidate]) -> None:
+            if not done.cancelled() and done.exception() is None:  # (a cancelled _reserve aborted)
+                self.abort_later("decode", done.result().addr, rid)
+
+        self._background.add(reserve)
+        reserve.add_done_callback(self._background.discard)
+        reserve.add_done_callback(release)
 
     async def _reserve(
         self, rid: str, decodes: Sequence[Candidate], prompt_len: int, max_tokens: int

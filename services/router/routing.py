@@ -4,6 +4,10 @@
     prefill candidates --prefill Profile--> ranking ----\
     decode candidates  --decode Profile---> ranking -----+--> RoutingDecision
 
+The decode ranking reads no block hash (decode workers keep no prompt cache that the router
+follows): `rank_decode` needs only the prompt's length and key, so the dispatcher can send Reserve
+while the prompt is still being hashed, and pass the ranking to `decide`.
+
 Everything a decision reads is shared state: the candidates' loads come from the Redis registry,
 the prefix index from the workers' KV events in Redis, ties are broken by a hash of the prompt.
 Two router replicas with the same Redis state decide the same for the same request; nothing here
@@ -17,11 +21,13 @@ snapshot, with reason `index_unavailable` / `no_index`; the change is logged onc
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.block_hash import ROOT_HASH, BlockHash, hash_block, hash_blocks
+from services.common.block_hash import BlockHash, hash_blocks
+from services.common.prompt_wire import pack_ids, token_array
 from services.common.registry import WorkerRecord
 from services.router.policy import Candidate, PolicyConfig, PrefixHit, Profile, RouteRequest
 from services.router.workers import Role, WorkerPool
@@ -66,7 +72,14 @@ class Prompt:
 
     token_ids: Sequence[int]
     block_hashes: tuple[BlockHash, ...]
-    key: bytes  # hash of the whole prompt, the partial last page included
+    key: bytes  # prompt_key: identifies the whole prompt, the partial last page included
+
+
+def prompt_key(packed: bytes) -> bytes:
+    """What identifies a prompt in tie-breaks (pick.tiebreak): its length and the CRC-32 of its
+    packed ids (prompt_wire.pack_ids). Tens of microseconds for 32k tokens, so that the decode
+    choice does not wait for the page hashes; a collision only shares a tie-break order."""
+    return (len(packed) // 4).to_bytes(4, "big") + zlib.crc32(packed).to_bytes(4, "big")
 
 
 @dataclass(frozen=True)
@@ -110,17 +123,38 @@ class RoutingPipeline:
         self.index_errors = 0
         self._usable_last: bool | None = None
 
-    def prepare(self, prompt_ids: Sequence[int]) -> Prompt:
+    def prepare(self, prompt_ids: Sequence[int], key: bytes | None = None) -> Prompt:
+        """Hash the prompt's pages (an array("I") is hashed without a conversion). `key`: its
+        prompt_key if already known."""
         ps = self.config.page_size
-        hashes = tuple(hash_blocks(prompt_ids, ps))
-        full = len(hashes) * ps
-        tail = hash_block(hashes[-1] if hashes else ROOT_HASH, prompt_ids[full:], b"route-key")
+        ids = token_array(prompt_ids)
+        hashes = tuple(hash_blocks(ids, ps))
         # A worker always computes the prompt's last token, so it resumes at most at page
         # floor((n - 1) / P): a page-aligned prompt's last page is never a usable hit (and its
         # window-safety is judged one page earlier). Matching it would credit a worker with a
         # whole prompt it recomputes (an exact repeat whose SWA tail starts at n - W).
-        usable = hashes[: (len(prompt_ids) - 1) // ps] if prompt_ids else ()
-        return Prompt(prompt_ids, usable, tail.to_bytes(16, "big"))
+        usable = hashes[: (len(ids) - 1) // ps] if ids else ()
+        return Prompt(prompt_ids, usable, prompt_key(pack_ids(ids)) if key is None else key)
+
+    def rank_decode(
+        self,
+        prompt_len: int,
+        key: bytes,
+        decode: Sequence[Candidate],
+        *,
+        max_tokens: int = 0,
+        exclude: Collection[str] = (),
+    ) -> tuple[Candidate, ...]:
+        """The decode workers to ask, best first (empty: none); no block hash needed."""
+        req = RouteRequest(
+            prompt_len=prompt_len,
+            max_tokens=max_tokens,
+            block_hashes=(),
+            page_size=self.config.page_size,
+            key=key,
+            model=self.model,
+        )
+        return self.decode_profile.rank(req, _avoid(decode, exclude)).ordered
 
     def decide(
         self,
@@ -130,9 +164,11 @@ class RoutingPipeline:
         *,
         max_tokens: int = 0,
         exclude: Collection[str] = (),
+        decode_ranking: Sequence[Candidate] | None = None,
     ) -> RoutingDecision:
         """Rank both roles. `exclude`: addresses that failed this request, avoided if others remain.
-        Raises NoCandidate when a role has no worker."""
+        `decode_ranking`: `rank_decode`'s answer for this prompt, if already asked (`decode` is then
+        not read). Raises NoCandidate when a role has no worker (prefill checked first)."""
         p = prompt if isinstance(prompt, Prompt) else self.prepare(prompt)
         usable = self.index_usable()
         req = RouteRequest(
@@ -146,16 +182,19 @@ class RoutingPipeline:
             model=self.model,
         )
         pre = self.prefill_profile.rank(req, _avoid(prefill, exclude))
-        dec = self.decode_profile.rank(req, _avoid(decode, exclude))
+        if decode_ranking is None:
+            decode_ranking = self.rank_decode(
+                req.prompt_len, p.key, decode, max_tokens=max_tokens, exclude=exclude
+            )
         if pre.best is None:
             raise NoCandidate("prefill")
-        if dec.best is None:
+        if not decode_ranking:
             raise NoCandidate("decode")
         hit = req.hit(pre.best)
         safe = req.tokens(hit.safe_blocks)
         return RoutingDecision(
             prefill=pre.best,
-            decode=dec.best,
+            decode=decode_ranking[0],
             uncached_tokens=req.prompt_len - min(safe, req.prompt_len - 1),
             raw_match_tokens=req.tokens(hit.raw_blocks),
             safe_match_tokens=safe,
@@ -164,7 +203,7 @@ class RoutingPipeline:
             bucket=pre.notes.get("bucket", ""),
             bucket_fallback=pre.notes.get("bucket_fallback", ""),
             prefill_ranking=pre.ordered,
-            decode_ranking=dec.ordered,
+            decode_ranking=tuple(decode_ranking),
             scores=pre.scores,
         )
 

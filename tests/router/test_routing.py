@@ -3,6 +3,7 @@ two pipelines (and two Redis-backed pools), and load-only routing while Redis is
 
 from __future__ import annotations
 
+import array
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from services.common.block_hash import hash_blocks
+from services.common.prompt_wire import pack_ids
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.router.discovery import RedisWorkerPool
@@ -22,6 +24,7 @@ from services.router.routing import (
     RoutingDecision,
     RoutingPipeline,
     candidates_of,
+    prompt_key,
 )
 from services.router.workers import StaticWorkerPool
 from tests.router.fake_index import FakeIndexSource, FakePrefixIndex
@@ -389,3 +392,33 @@ def test_the_cost_policy_credits_a_hit_in_a_workers_host_tier(source: FakeIndexS
     assert seed.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"  # the seed formula: L1 only
     l2.ready = False  # an L2 index not ready gives no credit
     assert cost.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"
+
+
+def test_the_decode_ranking_needs_no_hashes_and_is_the_decisions(source: FakeIndexSource) -> None:
+    p = pipeline(source)
+    tied = [cand(f"d{i}", "decode") for i in range(4)]  # ties: the order is the prompt key's
+    loaded = [cand("d0", "decode", free_kv_tokens=10), cand("d1", "decode", running=3), *tied[2:]]
+    for seed, dec in [(0, tied), (1, tied), (2, loaded)]:
+        ids = prompt(100, seed)
+        hashed = p.prepare(ids)
+        ranking = p.rank_decode(len(ids), hashed.key, dec, max_tokens=8)
+        assert p.decide(hashed, PREFILL, dec, max_tokens=8).decode_ranking == ranking
+        given = p.decide(hashed, PREFILL, [], max_tokens=8, decode_ranking=ranking[::-1])
+        assert given.decode_ranking == ranking[::-1] and given.decode == ranking[-1]
+    orders = {
+        tuple(c.worker_id for c in p.rank_decode(100, p.prepare(prompt(100, s)).key, tied)) for s in range(8)
+    }
+    assert len(orders) > 1  # different prompts spread over tied workers
+
+
+def test_prepare_takes_a_list_or_an_array_and_keys_by_the_packed_prompt() -> None:
+    p = pipeline(None)
+    ids = prompt(70)
+    a, b = p.prepare(ids), p.prepare(array.array("I", ids))
+    assert (
+        (a.block_hashes, a.key)
+        == (b.block_hashes, b.key)
+        == (tuple(hash_blocks(ids, PAGE)[:4]), prompt_key(pack_ids(ids)))
+    )
+    assert p.prepare(ids[:-1]).key != a.key and p.prepare(ids[:-1] + [ids[-1] + 1]).key != a.key
+    assert p.prepare(ids, key=b"given").key == b"given"

@@ -219,3 +219,17 @@ def test_redis_restarted_under_load_costs_no_request(
     assert metric(up, "swaserve_router_redis_up") == 1
     assert metric(up, 'swaserve_router_workers{role="prefill"}') == 2
     assert metric(up, 'swaserve_router_decisions_total{reason="no_index"}') == 11
+
+
+def test_without_a_prefill_worker_the_reservation_made_meanwhile_is_given_back(
+    model_dir: Path, workers
+) -> None:
+    _, decode = workers  # Reserve leaves before the prefill choice (dispatch.py); that choice fails here
+    router = serve(model_dir, StaticWorkerPool([], [decode.addr]), None)
+    try:
+        status = complete(router, ids(40))
+    finally:
+        router.close()
+    assert status == 503 and "no prefill worker is available" in status.body
+    assert _wait(lambda: len(decode.aborted) == 1)  # the Reserve it got was released
+    assert decode.reserved == {}
