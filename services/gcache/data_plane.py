@@ -95,6 +95,8 @@ class DataPlaneServer:
                 pass
         except OSError as e:  # the caller left (ConnectionError is an OSError) or the server closed
             log.debug("gcache data plane: connection from %s ended: %s", peer, e)
+        except Exception:  # a bug: end this connection (the caller sees a failed call), not the node
+            log.exception("gcache data plane: connection from %s failed", peer)
         finally:
             with self._lock:
                 self._conns.discard(conn)
@@ -106,6 +108,8 @@ class DataPlaneServer:
         sizes = [item.size for item in put.items]
         if any(n < 0 for n in sizes) or sum(sizes) != data_len:
             raise WireError(f"item sizes add up to {sum(sizes)}, the frame carries {data_len} data bytes")
+        if any(item.WhichOneof("place") for item in put.items):
+            raise WireError("a data plane item's value follows the header (no shm_offset, no value)")
         statuses, received = [], 0
         migrated_blocks = migrated_bytes = 0
         for item in put.items:

@@ -153,6 +153,16 @@ def put_frame(sizes: list[int], data_bytes: int) -> bytes:
         (put_frame([10, 10], 30) + b"z" * 30, "add up to 20"),
         (put_frame([-1], 0), "add up to -1"),
         (frame_head(gcache_pb2.DataRequest(), 0), "unknown request"),
+        (
+            frame_head(
+                gcache_pb2.DataRequest(
+                    put=gcache_pb2.DataPut(items=[gcache_pb2.PutItem(key=b"k" * 16, size=1, value=b"v")])
+                ),
+                1,
+            )
+            + b"v",
+            "value follows the header",
+        ),
     ],
 )
 def test_a_corrupt_frame_is_refused_and_the_node_keeps_serving(

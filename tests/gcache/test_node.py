@@ -23,13 +23,24 @@ def client(redis_server: RedisServer, nodes: int = 1, **kw) -> GCacheClient:
     return c
 
 
-def test_round_trip_of_many_sizes_and_unknown_keys(redis_server, start_node: NodeFactory):
+PATHS = pytest.mark.parametrize("data_plane", [True, False], ids=["data plane", "grpc"])
+
+
+def used(c: GCacheClient, data_plane: bool) -> bool:
+    """Every value call went the chosen path (the data plane, or data frames in gRPC streams)."""
+    n = c.counters
+    chosen, other = (n.data_calls, n.grpc_calls) if data_plane else (n.grpc_calls, n.data_calls)
+    return n.shm_calls == 0 and chosen > 0 and other == 0
+
+
+@PATHS
+def test_round_trip_of_many_sizes_and_unknown_keys(redis_server, start_node: NodeFactory, data_plane):
     start_node(memory_bytes=64 * MiB)
     sizes = [0, 1, 7, 1000, 64 * KiB, MiB - 1, MiB, MiB + 1, 4 * MiB, 4 * MiB + 5, 9 * MiB + 123]
     rng = random.Random(0)
     sizes += [rng.randrange(1, 3 * MiB) for _ in range(10)]
     values = {rand_key(): os.urandom(n) for n in sizes}
-    with client(redis_server) as c:
+    with client(redis_server, data_plane=data_plane) as c:
         report = c.put_many(values)
         assert report.ok and report.stored == len(values)
         unknown = [rand_key() for _ in range(5)]
@@ -42,6 +53,7 @@ def test_round_trip_of_many_sizes_and_unknown_keys(redis_server, start_node: Nod
         assert c.exists_prefix(list(values)[:3] + unknown[:1] + list(values)[3:]) == 3
         assert c.delete(list(values)[:2]) == 2
         assert c.get_many(list(values)[:2]) == {}
+        assert used(c, data_plane)
 
 
 def test_spill_promotion_and_corruption_on_disk(redis_server, start_node: NodeFactory, tmp_path: Path):
@@ -82,38 +94,43 @@ def test_spill_promotion_and_corruption_on_disk(redis_server, start_node: NodeFa
         assert 'swaserve_gcache_used_bytes{tier="memory"}' in metrics
 
 
+@PATHS
 def test_oversized_values_get_an_error_and_the_rest_of_the_batch_is_stored(
-    redis_server, start_node: NodeFactory
+    redis_server, start_node: NodeFactory, data_plane
 ):
     start_node(memory_bytes=8 * MiB, disk=False, extra=["--max-value-bytes", str(6 * MiB)])
     ok1, big, too_big_for_memory, ok2 = rand_key(), rand_key(), rand_key(), rand_key()
     batch = [(ok1, os.urandom(MiB)), (big, os.urandom(7 * MiB)), (ok2, os.urandom(2 * MiB))]
-    with client(redis_server) as c:
+    with client(redis_server, data_plane=data_plane) as c:
         report = c.put_many(batch)
         assert report.stored == 2 and report.dropped == 0
         assert set(report.errors) == {big}
         assert report.errors[big].startswith("TOO_LARGE") and "--max-value-bytes" in report.errors[big]
         got = c.get_many([ok1, big, ok2])
         assert set(got) == {ok1, ok2} and got[ok1] == batch[0][1] and got[ok2] == batch[2][1]
-        assert c.counters.puts_rejected == 1
+        assert c.counters.puts_rejected == 1 and used(c, data_plane)
     # a node without disk and 1 MiB of memory: 2 MiB fits neither tier
     with RedisServer() as other:
         small = NodeProc(other.url, None, memory_bytes=MiB)
         try:
-            with client(other) as c:
+            with client(other, data_plane=data_plane) as c:
                 report = c.put_many([(too_big_for_memory, bytes(2 * MiB)), (ok1, b"fine")])
                 assert "fits neither tier" in report.errors[too_big_for_memory] and report.stored == 1
+                assert used(c, data_plane)
         finally:
             small.kill()
 
 
-def test_disk_write_failure_keeps_puts_in_memory_and_drops_spills(redis_server, start_node: NodeFactory):
+@PATHS
+def test_disk_write_failure_keeps_puts_in_memory_and_drops_spills(
+    redis_server, start_node: NodeFactory, data_plane
+):
     # RLIMIT_FSIZE of 300 KiB in the node process: every write of a bigger file fails with a real
     # EFBIG; smaller blocks still spill fine
     node = start_node(memory_bytes=2 * MiB, disk_bytes=64 * MiB, fsize_limit=300 * KiB)
     small = [(rand_key(), os.urandom(100 * KiB)) for _ in range(8)]
     large = [(rand_key(), os.urandom(512 * KiB)) for _ in range(8)]
-    with client(redis_server) as c:
+    with client(redis_server, data_plane=data_plane) as c:
         # small blocks first, then large ones push them all out of memory: small ones spill fine
         assert c.put_many(small).ok
         report = c.put_many(large)
@@ -134,7 +151,7 @@ def test_disk_write_failure_keeps_puts_in_memory_and_drops_spills(redis_server, 
         assert report.errors[huge].startswith("DISK_FAILED") and "File too large" in report.errors[huge]
         assert report.stored == 1
         assert huge not in c.get_many([huge])
-        assert counters(node)["rejected_disk_failed"] == 1
+        assert counters(node)["rejected_disk_failed"] == 1 and used(c, data_plane)
     assert "spill of" in node.output() and "dropped" in node.output()
 
 
