@@ -11,8 +11,12 @@ hit on one worker), half are new (only the system prompt hits, on every worker).
              decisions/s (= 1 / mean latency of one thread).
   HTTP       the router as a process (`python -m services.router.main`), FAKE workers (another
              process, one gRPC server answering Reserve / Prefill instantly, 80 ports) vs calling a
-             fake worker's Prefill directly over gRPC; one client, sequential requests, request
-             bodies encoded once up front. "adds" = router p50 - direct p50.
+             fake worker's Prefill directly over gRPC; one client, sequential requests, the three
+             interleaved, request bodies encoded once up front. "adds" = router p50 - direct p50,
+             direct = the prompt packed (`prompt_ids_packed`, what the router sends too); the same
+             call with the `repeated int32 prompt_ids` field is shown for reference. "router CPU" =
+             the router process's CPU time (all threads, /proc) over the requests / their number:
+             steadier than latency when other processes compete for the cores.
 
 Goals: decision p99 <= 2 ms; HTTP adds <= 3 ms p50. The index is services.common.prefix_index when
 importable, else the tests' FakePrefixIndex (the table says which).
@@ -23,6 +27,7 @@ importable, else the tests' FakePrefixIndex (the table says which).
 from __future__ import annotations
 
 import argparse
+import array
 import json
 import os
 import random
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from services.common.block_hash import hash_blocks  # noqa: E402
+from services.common.prompt_wire import pack_ids  # noqa: E402
 from services.common.redis_server import RedisServer  # noqa: E402
 from services.common.registry import WorkerRecord, WorkerRegistry  # noqa: E402
 from services.proto_gen import worker_pb2, worker_pb2_grpc  # noqa: E402
@@ -164,7 +170,8 @@ def bench_decisions(args: argparse.Namespace, cluster: Cluster, redis_url: str) 
     pool = RedisWorkerPool(redis_url, model=MODEL, refresh_s=0.5)
     candidates = CandidateSource(pool)  # as the dispatcher reads them
     rng = random.Random(1)
-    prompts = cluster.prompts(rng, args.decisions, args.prompt_tokens)
+    # as the router holds a prompt: an array("I") (services/router/prompts.py)
+    prompts = [array.array("I", p) for p in cluster.prompts(rng, args.decisions, args.prompt_tokens)]
     total: list[float] = []
     phases: dict[str, list[float]] = {"hash": [], "candidates": [], "match+score+pick": []}
     reasons: dict[str, int] = {}
@@ -194,6 +201,54 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def prefill_request(rid: str, prompt: list[int], decode_addr: str, packed: bool) -> Any:
+    sampling = worker_pb2.SamplingParams(max_tokens=1)
+    if packed:
+        return worker_pb2.PrefillRequest(rid=rid, prompt_ids_packed=pack_ids(prompt), decode_addr=decode_addr,
+                                         sampling=sampling)  # fmt: skip
+    return worker_pb2.PrefillRequest(rid=rid, prompt_ids=prompt, decode_addr=decode_addr, sampling=sampling)
+
+
+def timed_loop(h: Any, stub: Any, bodies: list[bytes], direct: list[Any], plain: list[Any], n: int,
+               warmup: int, router_pid: int) -> dict[str, Any]:  # fmt: skip
+    """n rounds of: direct Prefill (packed), direct Prefill (repeated ids), POST to the router, in
+    an order that rotates each round (what runs after the router's request shares the machine
+    with its background Abort)."""
+    headers = {"content-type": "application/json"}
+    out: dict[str, Any] = {"via": [], "direct": [], "direct_plain": []}
+
+    def via(k: int) -> None:
+        r = h.post("/v1/completions", content=bodies[k], headers=headers)
+        if r.status_code != 200:
+            raise SystemExit(f"router answered {r.status_code}: {r.text[:300]}")
+
+    calls = {
+        "direct": lambda k: stub.Prefill(direct[k], timeout=10),
+        "direct_plain": lambda k: stub.Prefill(plain[k], timeout=10),
+        "via": via,
+    }
+    names = list(calls)
+    cpu0 = 0.0
+    for i in range(n + warmup):
+        if i == warmup:
+            cpu0 = cpu_seconds(router_pid)
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            t0 = time.perf_counter()
+            calls[name](i % len(bodies))
+            if i >= warmup:
+                out[name].append(time.perf_counter() - t0)
+    out["router_cpu"] = (cpu_seconds(router_pid) - cpu0) / n
+    return out
+
+
 def bench_http(
     args: argparse.Namespace, cluster: Cluster, redis_url: str, ports: list[int]
 ) -> dict[str, Any]:
@@ -206,14 +261,19 @@ def bench_http(
     router = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     rng = random.Random(2)
     prompts = cluster.prompts(rng, 8, args.prompt_tokens)
-    bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": 1}).encode() for p in prompts]
+    small = [p[:1024] for p in prompts]
     channel = grpc.insecure_channel(
         f"127.0.0.1:{ports[0]}", options=[("grpc.max_send_message_length", 1 << 26)]
     )
     stub = worker_pb2_grpc.PrefillWorkerStub(channel)
-    direct_reqs = [worker_pb2.PrefillRequest(rid=f"r{i}", prompt_ids=p, decode_addr=f"127.0.0.1:{ports[-1]}",
-                                             sampling=worker_pb2.SamplingParams(max_tokens=1))
-                   for i, p in enumerate(prompts)]  # fmt: skip
+    decode_addr = f"127.0.0.1:{ports[-1]}"
+
+    def requests(ps: list[list[int]]) -> tuple[list[bytes], list[Any], list[Any]]:
+        bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": 1}).encode() for p in ps]
+        direct = [prefill_request(f"r{i}", p, decode_addr, packed=True) for i, p in enumerate(ps)]
+        plain = [prefill_request(f"r{i}", p, decode_addr, packed=False) for i, p in enumerate(ps)]
+        return bodies, direct, plain
+
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
             deadline = time.monotonic() + 120
@@ -226,37 +286,13 @@ def bench_http(
                 if router.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("the router did not come up")
                 time.sleep(0.2)
-            headers = {"content-type": "application/json"}
-            via, direct = [], []
-            for i in range(args.http_requests + 20):
-                body, req = bodies[i % len(bodies)], direct_reqs[i % len(direct_reqs)]
-                t0 = time.perf_counter()
-                stub.Prefill(req, timeout=10)
-                t1 = time.perf_counter()
-                r = h.post("/v1/completions", content=body, headers=headers)
-                t2 = time.perf_counter()
-                if r.status_code != 200:
-                    raise SystemExit(f"router answered {r.status_code}: {r.text[:300]}")
-                if i >= 20:  # warm-up
-                    direct.append(t1 - t0)
-                    via.append(t2 - t1)
-            small = json.dumps({"model": MODEL, "prompt": prompts[0][:1024], "max_tokens": 1}).encode()
-            small_req = worker_pb2.PrefillRequest(
-                rid="s", prompt_ids=prompts[0][:1024], sampling=direct_reqs[0].sampling
-            )
-            via_small, direct_small = [], []
-            for _ in range(args.http_requests):
-                t0 = time.perf_counter()
-                stub.Prefill(small_req, timeout=10)
-                t1 = time.perf_counter()
-                h.post("/v1/completions", content=small, headers=headers)
-                via_small.append(time.perf_counter() - t1)
-                direct_small.append(t1 - t0)
+            big = timed_loop(h, stub, *requests(prompts), args.http_requests, 20, router.pid)
+            short = timed_loop(h, stub, *requests(small), args.http_requests, 20, router.pid)
     finally:
         channel.close()
         router.terminate()
         router.wait(timeout=15)
-    return {"via": via, "direct": direct, "via_small": via_small, "direct_small": direct_small}
+    return {"32k": big, "1k": short}
 
 
 def main() -> None:
@@ -312,19 +348,23 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
     p99 = pct(tot, 0.99)
     print(f"| decision (hash + candidates + match + score + pick), n={len(tot)} | {statistics.median(tot) * ms:.3f} "
           f"| {p99 * ms:.3f} | {1 / statistics.mean(tot):,.0f} | p99 <= 2 ms | {'yes' if p99 <= 0.002 else 'NO'} |")  # fmt: skip
-    for label, via, direct in [
-        ("32k", http["via"], http["direct"]),
-        ("1k", http["via_small"], http["direct_small"]),
-    ]:
+    for label, run in http.items():
+        via, direct, plain = run["via"], run["direct"], run["direct_plain"]
         v50, d50 = statistics.median(via), statistics.median(direct)
         added = v50 - d50
-        print(f"| direct gRPC Prefill to a fake worker, {label} prompt | {d50 * ms:.2f} | {pct(direct, 0.99) * ms:.2f} "
-              f"| {1 / statistics.mean(direct):,.0f} | | |")  # fmt: skip
+        print(f"| direct gRPC Prefill to a fake worker, {label} prompt packed | {d50 * ms:.2f} "
+              f"| {pct(direct, 0.99) * ms:.2f} | {1 / statistics.mean(direct):,.0f} | | |")  # fmt: skip
+        print(f"| (the same, prompt as repeated int32 prompt_ids) | {statistics.median(plain) * ms:.2f} "
+              f"| {pct(plain, 0.99) * ms:.2f} | {1 / statistics.mean(plain):,.0f} | | |")  # fmt: skip
         goal = "<= 3 ms" if label == "32k" else ""
         met = ("yes" if added <= 0.003 else "NO") if goal else ""
         print(f"| via router HTTP (Reserve + Prefill), {label} prompt | {v50 * ms:.2f} | {pct(via, 0.99) * ms:.2f} "
               f"| {1 / statistics.mean(via):,.0f} | | |")  # fmt: skip
-        print(f"| router adds, {label} prompt (p50 difference) | {added * ms:.2f} | | | {goal} | {met} |")
+        print(f"| router adds, {label} prompt (p50 difference to packed direct) | {added * ms:.2f} | | | {goal} "
+              f"| {met} |")  # fmt: skip
+        print(
+            f"| router CPU per request, {label} prompt (all its threads) | {run['router_cpu'] * ms:.2f} | | | | |"
+        )
 
 
 if __name__ == "__main__":
