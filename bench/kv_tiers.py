@@ -1,4 +1,4 @@
-"""TTFT of a long prompt's next turn on the tiny MiMo model: recompute vs an L1 hit vs an L2 (host) hit.
+"""TTFT of a long prompt's next turn on the tiny MiMo model: recompute vs an L1, L2 (host) or L3 (GCache) hit.
 
 One engine per mode, same weights, same machine, one run. The prompt P (16k tokens; --quick 4k) was
 served before; the next turn is P + 32 new tokens, whose time to first token is measured:
@@ -6,13 +6,20 @@ served before; the next turn is P + 32 new tokens, whose time to first token is 
   recompute   no prefix cache: all of P + 32 is computed
   L1 hit      P is in the device pool's radix cache: 32 tokens (plus the page-aligned rest) computed
   L2 hit      other traffic pushed P out of the device pool (sized to hold about one prompt); the
-              host tier restores P's full pages and the SWA tail at its end, then computes the rest
+              host tier restores P's full pages and the SWA tail at its end, then computes the rest;
+              the restore runs layer by layer beside the forward (and, as a row, all before it)
+  L3 hit      P was served by *another* engine (another worker) that wrote it down to GCache (a real
+              node process and redis-server, started here); this engine's L1 and L2 never saw it:
+              the staged lookup fetches P's full blocks and tail from the node into L2, then as L2.
+              Once over the same-host shared-memory path, once over the node's TCP data plane.
 
 The model is mimo-tiny with its context raised to fit (RoPE has no limit of its own; weights are
 the same seeded random ones). Reported: median TTFT of --reps runs, the ratio to recompute, and
 the bytes each hit moved.
 
     python bench/kv_tiers.py [--quick] [--prompt-tokens 16384] [--reps 3]
+
+The table is printed last; "from L2" / "from L3" are the cached tokens each tier supplied.
 """
 
 from __future__ import annotations
@@ -21,15 +28,20 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.common.redis_server import RedisServer  # noqa: E402
 from services.engine.engine import Engine, EngineConfig  # noqa: E402
+from services.gcache.client import GCacheClient  # noqa: E402
 from services.engine.model_init import init_model  # noqa: E402
 from services.engine.sampling import SamplingParams  # noqa: E402
 
@@ -45,20 +57,39 @@ def model_dir(tmp: Path, context: int) -> Path:
     return path
 
 
-def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int, int]:
+def ttft(engine: Engine, prompt: list[int]) -> tuple[float, int, int, int]:
     t = time.perf_counter()
     (req,) = engine.generate([prompt], ONE)
-    return time.perf_counter() - t, req.cached_len, req.cached_l2
+    return time.perf_counter() - t, req.cached_len, req.cached_l2, req.cached_l3
+
+
+@contextmanager
+def gcache_node(memory_bytes: int) -> Iterator[str]:
+    """A redis-server and one GCache node process; yields the Redis URL the node registered in."""
+    with RedisServer() as redis:
+        cmd = [sys.executable, "-m", "services.gcache.main", "--host", "127.0.0.1", "--port", "0",
+               "--advertise-host", "127.0.0.1", "--redis-url", redis.url, "--memory-bytes", str(memory_bytes),
+               "--metrics-port", "0", "--log-level", "WARNING"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line.startswith("GCACHE_READY"):
+                raise RuntimeError(f"gcache node did not start: {line!r}")
+            yield redis.url
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 4k prompt, 2 reps (under a minute)")
+    p.add_argument("--quick", action="store_true", help="a 2k prompt, 1 rep (under a minute)")
     p.add_argument("--prompt-tokens", type=int, default=16384)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     if args.quick:
-        args.prompt_tokens, args.reps = 4096, 2
+        args.prompt_tokens, args.reps = 2048, 1
     n = args.prompt_tokens
     rng = random.Random(0)
     rows = []
@@ -66,38 +97,59 @@ def main() -> None:
         path = model_dir(Path(tmp), 2 * n + 1024)
         page = 16
         device = (n + SUFFIX + page) // page * page + 2 * page  # holds one prompt: the next one evicts it
+        base_cfg = {"max_total_tokens": device, "chunk_size": 1024}
+        host = {"host_kv_tokens": 4 * n}
         modes = {
-            "recompute": EngineConfig(max_total_tokens=device, enable_prefix_cache=False, chunk_size=1024),
-            "L1 hit": EngineConfig(max_total_tokens=device, chunk_size=1024),
-            "L2 hit": EngineConfig(max_total_tokens=device, chunk_size=1024, host_kv_tokens=4 * n),
+            "recompute": EngineConfig(**base_cfg, enable_prefix_cache=False),  # type: ignore[arg-type]
+            "L1 hit": EngineConfig(**base_cfg),  # type: ignore[arg-type]
+            "L2 hit": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
+            "L2 hit, blocking restore": EngineConfig(**base_cfg, **host, layerwise_restore=False),  # type: ignore[arg-type]
+            "L3 hit, shared memory": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
+            "L3 hit, TCP": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
         }
-        results: dict[str, list[tuple[float, int, int]]] = {}
-        for name, cfg in modes.items():
-            engine = Engine.from_dir(path, cfg)
-            results[name] = []
-            for _ in range(args.reps):
-                prompt = [rng.randrange(100, 100_000) for _ in range(n)]
-                engine.generate([prompt], ONE)  # the earlier turn
-                if name == "L2 hit":  # another conversation takes the device pool
-                    engine.generate([[rng.randrange(100, 100_000) for _ in range(n)]], ONE)
-                results[name].append(
-                    ttft(engine, prompt + [rng.randrange(100, 100_000) for _ in range(SUFFIX)])
-                )
-            if engine.host_store is not None:
-                host_mb = engine.host_store.total_bytes() / 2**20
-            del engine
-        base = statistics.median(t for t, _, _ in results["recompute"])
+        results: dict[str, list[tuple[float, int, int, int]]] = {}
+        host_mb = 0.0
+        with gcache_node(memory_bytes=8 << 30) as redis_url:
+            for name, cfg in modes.items():
+                print(f"{name} ...", file=sys.stderr, flush=True)
+                engine = Engine.from_dir(path, cfg)
+                writer, clients = engine, []
+                if name.startswith("L3"):  # another worker writes; this one only reads
+                    shm = "shared" in name
+                    clients = [GCacheClient(redis_url, shm=shm, shm_bytes=1 << 30) for _ in range(2)]
+                    writer = Engine.from_dir(path, cfg)
+                    writer.attach_l3(clients[0], "mimo-long")
+                    engine.attach_l3(clients[1], "mimo-long")
+                results[name] = []
+                for _ in range(args.reps):
+                    prompt = [rng.randrange(100, 100_000) for _ in range(n)]
+                    writer.generate([prompt], ONE)  # the earlier turn
+                    if writer.l3 is not None:
+                        writer.l3.flush(120)
+                    if name.startswith("L2"):  # another conversation takes the device pool
+                        engine.generate([[rng.randrange(100, 100_000) for _ in range(n)]], ONE)
+                    results[name].append(
+                        ttft(engine, prompt + [rng.randrange(100, 100_000) for _ in range(SUFFIX)])
+                    )
+                if engine.host_store is not None:
+                    host_mb = engine.host_store.total_bytes() / 2**20
+                for e in {id(engine): engine, id(writer): writer}.values():
+                    if e.l3 is not None:
+                        e.l3.close()
+                for c in clients:
+                    c.close()
+                del engine, writer
+        base = statistics.median(r[0] for r in results["recompute"])
         for name, runs in results.items():
-            med = statistics.median(t for t, _, _ in runs)
-            cached = min(c for _, c, _ in runs)
-            l2 = min(x for _, _, x in runs)
-            rows.append((name, med, base / med, cached, l2))
+            med = statistics.median(r[0] for r in runs)
+            rows.append((name, med, base / med, min(r[1] for r in runs), min(r[2] for r in runs),
+                         min(r[3] for r in runs)))  # fmt: skip
     print(f"\n## KV tiers: TTFT of the next turn of a {n}-token prompt (+{SUFFIX} new tokens), mimo-tiny, "
-          f"CPU, median of {args.reps}; L2 host buffers {host_mb:.0f} MiB")  # fmt: skip
-    print("| mode | TTFT ms | speed-up vs recompute | cached tokens | from L2 |")
-    print("|---|---|---|---|---|")
-    for name, med, speed, cached, l2 in rows:
-        print(f"| {name} | {med * 1e3:.1f} | {speed:.1f}x | {cached} | {l2} |")
+          f"CPU, median of {args.reps}; L2 host buffers {host_mb:.0f} MiB; L3: one GCache node, same host")  # fmt: skip
+    print("| mode | TTFT ms | speed-up vs recompute | cached tokens | from L2 | from L3 |")
+    print("|---|---|---|---|---|---|")
+    for name, med, speed, cached, l2, l3 in rows:
+        print(f"| {name} | {med * 1e3:.1f} | {speed:.1f}x | {cached} | {l2} | {l3} |")
 
 
 if __name__ == "__main__":
