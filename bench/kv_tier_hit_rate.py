@@ -263,9 +263,9 @@ def main() -> None:
           f"bytes to tails; ideal (infinite cache) {100 * ideal:.1f}%")  # fmt: skip
     print("| mode | L2 per worker | L3 | hit rate | / ideal | from L2 | from L3 | seconds |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, l2_size, l3_size, hit, l2, l3f, secs in rows:
+    for name, l2_size, l3_size, hit, l2f, l3f, secs in rows:
         frac = hit / ideal if ideal else 0.0
-        print(f"| {name} | {l2_size} | {l3_size} | {100 * hit:.1f}% | {frac:.2f} | {100 * l2:.1f}% | "
+        print(f"| {name} | {l2_size} | {l3_size} | {100 * hit:.1f}% | {frac:.2f} | {100 * l2f:.1f}% | "
               f"{100 * l3f:.1f}% | {secs:.1f} |")  # fmt: skip
 
 
