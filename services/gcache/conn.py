@@ -1,7 +1,8 @@
 """One node's RPCs, client side: batches in, results out, gRPC errors raised as NodeError.
 
 The client (client.py) and a draining node (drain.py) both talk to nodes through this. Values go
-as data frames, or through a slot of the caller's shm arena when one is given (arena.py).
+as data frames, or through a slot of the caller's shm arena when one is given (arena.py); a node's
+data plane (data_conn.py) carries them otherwise, with the same results and errors.
 """
 
 from __future__ import annotations

@@ -59,9 +59,9 @@ def check_header(raw: Buffer, crc: int) -> None:
 def configure(sock: socket.socket, timeout: float | None = None) -> None:
     """No Nagle delay on the small frames; a blocking socket, so one sendmsg moves a whole batch
     inside the kernel (Python's own timeouts make the socket non-blocking: a poll and a partial
-    send per socket-buffer's worth; puts ran 10-25% slower). `timeout` (seconds) is the kernel's,
-    per send or receive call; an expired one raises BlockingIOError (EAGAIN). Socket buffers stay autotuned: fixing them
-    (4 or 16 MiB) measured 2-5% slower on loopback."""
+    send per socket buffer's worth; puts were slower in 4 of 6 interleaved A/B runs). `timeout`
+    (seconds) is the kernel's, per send or receive call; an expired one raises BlockingIOError
+    (EAGAIN). Socket buffers stay autotuned: fixing them (4 or 16 MiB) measured 2-5% slower."""
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if timeout:
