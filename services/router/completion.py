@@ -3,6 +3,7 @@
     start(job)  opens every choice concurrently (Reserve + Prefill); any failure aborts the others
                 and raises, so nothing has been sent to the client yet
     events()    merges the choices' text events in arrival order; a failure raises mid-stream
+                (one choice, the common case, runs in the caller's task: no task or queue hop)
     complete()  start + collect, for non-streaming answers
 
 Both HTTP endpoints (and any other transport) call this; it never sees a FastAPI request.
@@ -58,6 +59,9 @@ class CompletionRun:
         self._completion_tokens = [0] * job.num_choices
 
     async def open(self) -> None:
+        if self.job.num_choices == 1:  # a failure inside aborts what it reserved (Dispatcher.open)
+            self._gens = [await self._open_one(0)]
+            return
         tasks = [asyncio.ensure_future(self._open_one(i)) for i in range(self.job.num_choices)]
         try:
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -84,6 +88,12 @@ class CompletionRun:
         return gen
 
     async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
+        if len(self._gens) == 1:
+            async with aclosing(self._choice_events(0, self._gens[0])) as events:
+                async for ev in events:
+                    yield ev
+            self._core.metrics.e2e.observe(time.monotonic() - self.arrival)
+            return
         queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._pump(i, g, queue)) for i, g in enumerate(self._gens)]
         running = len(tasks)
@@ -126,32 +136,36 @@ class CompletionRun:
     async def _pump(
         self, index: int, gen: Generation, queue: asyncio.Queue[ChoiceEvent | BaseException | None]
     ) -> None:
+        try:
+            async with aclosing(self._choice_events(index, gen)) as events:
+                async for ev in events:
+                    await queue.put(ev)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put(e)
+            return
+        await queue.put(None)
+
+    async def _choice_events(self, index: int, gen: Generation) -> AsyncGenerator[ChoiceEvent, None]:
+        """One choice's text events, until its finish reason; the metrics once it ended."""
         sampling = self.job.choice_sampling(index % self.job.n)
         hidden = frozenset(sampling.stop_token_ids) | (
             frozenset() if sampling.ignore_eos else self._core.eos_token_ids
         )
         text = ChoiceText(self._core.tok, sampling.stop, hidden, sampling.logprobs)
         first_at = time.monotonic()
-        try:
-            async with aclosing(gen.chunks()) as chunks:
-                async for chunk in chunks:
-                    self._completion_tokens[index] += len(chunk.token_ids)
-                    delta = text.push(chunk.token_ids, chunk.logprobs)
-                    finish = "stop" if delta.stop_found else chunk.finish_reason
-                    tail = text.finish() if finish else ""
-                    await queue.put(
-                        ChoiceEvent(index, delta.text + tail, chunk.token_ids, delta.logprobs, finish)
-                    )
-                    if finish:
-                        break  # closing the chunks aborts the sequence if the worker has not ended it
-        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            await queue.put(e)
-            return
+        async with aclosing(gen.chunks()) as chunks:
+            async for chunk in chunks:
+                self._completion_tokens[index] += len(chunk.token_ids)
+                delta = text.push(chunk.token_ids, chunk.logprobs)
+                finish = "stop" if delta.stop_found else chunk.finish_reason
+                tail = text.finish() if finish else ""
+                yield ChoiceEvent(index, delta.text + tail, chunk.token_ids, delta.logprobs, finish)
+                if finish:
+                    break  # closing the chunks aborts the sequence if the worker has not ended it
         tokens = self._completion_tokens[index]
         self._core.metrics.completion_tokens.inc(tokens)
         if tokens > 1:
             self._core.metrics.tpot.observe((time.monotonic() - first_at) / (tokens - 1))
-        await queue.put(None)
 
 
 def _close_if_opened(task: asyncio.Future[Generation]) -> None:
