@@ -1,6 +1,7 @@
 """`swaserve up`: the whole cluster on this machine, supervised.
 
     redis-server (own, free port; unless --redis-url)
+    N GCache nodes (--gcache N, default 0)  python -m services.gcache.main   (L3; disk in the run dir)
     N prefill workers, N decode workers     python -m services.{prefill,decode}.main
     the router                              python -m services.router.main  (OpenAI API on --port)
 
@@ -39,6 +40,7 @@ _PDEATHSIG_SHIM = (
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 BACKOFF_MIN, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+DEFAULT_L3_HOST_TOKENS = 65536  # L2 a prefill worker gets with --gcache unless --prefill-args sets one
 
 
 def say(msg: str) -> None:
@@ -191,10 +193,11 @@ class Supervisor:
             time.sleep(0.5)
 
     def stop_all(self, timeout: float = 10.0) -> None:
-        # the router first (no new requests), then the workers, Redis last
+        # the router first (no new requests), then the workers, then GCache nodes, Redis last
         for group in (
             [c for c in self.children if c.name == "router"],
-            [c for c in self.children if c.name != "router"],
+            [c for c in self.children if c.name != "router" and not c.name.startswith("gcache")],
+            [c for c in self.children if c.name.startswith("gcache")],
         ):
             for c in group:
                 c.signal(signal.SIGTERM)
@@ -212,10 +215,40 @@ class Supervisor:
             self.redis.stop()
 
 
+def port_healthy(port: int) -> Callable[[], bool]:
+    return lambda: port_open("127.0.0.1", port)
+
+
+def gcache_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> list[Child]:
+    """--gcache N nodes: memory --gcache-memory each, a disk tier of --gcache-disk in the run dir."""
+    children = []
+    for i in range(args.gcache):
+        port, mport = free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "services.gcache.main", "--host", "127.0.0.1", "--port", str(port),
+            "--advertise-host", "127.0.0.1", "--redis-url", redis_url, "--metrics-port", str(mport),
+            "--memory-bytes", args.gcache_memory, "--node-id", f"gcache-{i}",
+        ]  # fmt: skip
+        if args.gcache_disk not in ("", "0"):
+            argv += ["--disk-dir", str(run_dir / f"gcache-{i}"), "--disk-bytes", args.gcache_disk]
+        children.append(Child(f"gcache-{i}", argv, run_dir / f"gcache-{i}.log", port_healthy(port)))
+    return children
+
+
+def l3_prefill_args(args: argparse.Namespace, redis_url: str) -> list[str]:
+    """With GCache nodes, prefill workers use them as L3 (through an L2 of --host-kv-tokens)."""
+    if not args.gcache:
+        return []
+    extra = ["--gcache-redis-url", redis_url]
+    if "--host-kv-tokens" not in args.prefill_args:
+        extra += ["--host-kv-tokens", str(DEFAULT_L3_HOST_TOKENS)]
+    return extra
+
+
 def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> list[Child]:
     workers = args.prefill + args.decode
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    children: list[Child] = []
+    children: list[Child] = gcache_children(args, redis_url, run_dir)
     for role, count in (("prefill", args.prefill), ("decode", args.decode)):
         for i in range(count):
             port, mport = free_port(), free_port()
@@ -225,7 +258,7 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
                 "--metrics-port", str(mport), "--torch-threads", str(threads),
             ]  # fmt: skip
             if role == "prefill":
-                argv += ["--kv-transport", args.kv_transport]
+                argv += ["--kv-transport", args.kv_transport, *l3_prefill_args(args, redis_url)]
             argv += shlex.split(args.prefill_args if role == "prefill" else args.decode_args)
             if role == "decode" and args.decode_reserve_ttl is not None:
                 argv += ["--reserve-ttl", str(args.decode_reserve_ttl)]
@@ -254,9 +287,10 @@ def banner(args: argparse.Namespace, redis_url: str, run_dir: Path) -> str:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{host}:{args.port}/v1"
     q = "What is the capital of France?"
+    gcache = f", {args.gcache} GCache" if args.gcache else ""
     body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": q}], "max_tokens": 32})
     return f"""
-swaserve is up: {base}  (model {args.model}; {args.prefill} prefill, {args.decode} decode; redis {redis_url})
+swaserve is up: {base}  (model {args.model}; {args.prefill} prefill, {args.decode} decode{gcache}; redis {redis_url})
 logs: {run_dir}
 
   curl {base}/chat/completions -H 'Content-Type: application/json' \\
@@ -275,6 +309,8 @@ Ctrl-C stops everything.
 def run_up(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         raise ValueError("--prefill and --decode need at least 1 worker each")
+    if args.gcache < 0:
+        raise ValueError("--gcache must be >= 0")
     if port_open("127.0.0.1", args.port):
         raise ValueError(f"port {args.port} is already in use; pick another with --port")
     say(f"model {args.model}: {resolve_model(args.model)}")  # build it once, here, before the workers race
@@ -324,6 +360,13 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
         help='extra flags for every prefill worker, e.g. --prefill-args="--host-kv-tokens 65536"',
     )  # fmt: skip
     u.add_argument("--decode-args", default="", help="extra flags for every decode worker")
+    u.add_argument(
+        "--gcache", type=int, default=0,
+        help="GCache nodes to start (L3 for the prefill workers, which then get an L2 of "
+        f"{DEFAULT_L3_HOST_TOKENS} tokens unless --prefill-args sets --host-kv-tokens)",
+    )  # fmt: skip
+    u.add_argument("--gcache-memory", default="1G", help="memory tier of each GCache node (K/M/G)")
+    u.add_argument("--gcache-disk", default="4G", help="disk tier of each GCache node, in the run dir (0: none)")
     u.add_argument(
         "--decode-reserve-ttl", type=float, default=None,
         help="seconds a decode reservation waits for its KV (the decode worker's default: 30)",

@@ -214,13 +214,16 @@ class Engine:
         p = self.cfg.page_size
         usable = (req.seq_len - 1) // p  # the last token is always computed
         hashes = self.scheduler.page_hashes(req, req.seq_len - 1)
-        have = self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // p
+        have = l1 = self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // p
         hit = self.host.lookup(hashes, have)
         if hit is not None:
             have = hit.end
         if usable <= have:
             return False
-        fetch = self.l3.fetch(hashes, have)
+        room = self.host.full_pool.num_pages - (have - l1)  # L2 must hold what it restores at once
+        if room <= 0:
+            return False
+        fetch = self.l3.fetch(hashes, have, room)
         self._staged[req.rid] = _Staged(req, fetch, time.monotonic() + self.l3_wait)
         return True
 
@@ -249,6 +252,7 @@ class Engine:
             hp = self.host.store_full(BlockHash(hashes[i]), BlockHash(parent), tokens[i * p : (i + 1) * p])
             if hp is not None:
                 write_pages(hs.k, hs.v, hs.specs, "full", p, [hp], value)
+            self.host.protect([BlockHash(hashes[i])])  # about to be used: older entries go first
         end = got.end
         parent = hashes[end - 2] if end > 1 else ROOT_HASH
         n = self.host.tail_pages(end)

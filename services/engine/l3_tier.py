@@ -147,10 +147,13 @@ class L3Tier:
             f.result(timeout)
 
     # -- fetch -----------------------------------------------------------------------------------
-    def fetch(self, hashes: Sequence[BlockHash], start: int) -> Future[L3Fetch | None]:
-        """The longest restorable run from page `start` (hashes[i] = page i's block hash), fetched
-        in the background; the future's result is None for a miss (or any failure)."""
-        return self._pool.submit(self._fetch, list(hashes), start)
+    def fetch(
+        self, hashes: Sequence[BlockHash], start: int, max_pages: int | None = None
+    ) -> Future[L3Fetch | None]:
+        """The longest restorable run from page `start` (hashes[i] = page i's block hash), at most
+        `max_pages` long, fetched in the background; the result is None for a miss (or any failure)."""
+        stop = len(hashes) if max_pages is None else min(len(hashes), start + max_pages)
+        return self._pool.submit(self._fetch, list(hashes[:stop]), start)
 
     def _fetch(self, hashes: list[BlockHash], start: int) -> L3Fetch | None:
         with self._lock:

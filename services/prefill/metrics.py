@@ -57,8 +57,10 @@ class PrefillMetrics:
         self.queue_seconds.observe(result.queue_seconds)
         self.ttft_seconds.observe(ttft)
         self.compute_seconds.observe(result.prefill_seconds)
-        self.prompt_tokens.labels("l1").inc(result.cached_tokens - result.cached_tokens_l2)
+        lower = result.cached_tokens_l2 + result.cached_tokens_l3
+        self.prompt_tokens.labels("l1").inc(result.cached_tokens - lower)
         self.prompt_tokens.labels("l2").inc(result.cached_tokens_l2)
+        self.prompt_tokens.labels("l3").inc(result.cached_tokens_l3)
         self.prompt_tokens.labels("computed").inc(prompt_len - result.cached_tokens)
         self.requests.labels("ok").inc()
 

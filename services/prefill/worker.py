@@ -92,6 +92,7 @@ class PrefillResult:
     prefill_seconds: float
     transfer_seconds: float
     cached_tokens_l2: int = 0  # of cached_tokens, restored from the host tier
+    cached_tokens_l3: int = 0  # of cached_tokens, fetched from GCache (L3) through the host tier
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ class PrefillWorker:
             first_logprob=final.logprobs[0],
             cached_tokens=final.cached_len,
             cached_tokens_l2=final.cached_l2,
+            cached_tokens_l3=final.cached_l3,
             kv_bytes=kv_bytes,
             finish_reason=exported.finish_reason,
             matched_stop=exported.matched_stop,

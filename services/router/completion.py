@@ -119,18 +119,20 @@ class CompletionRun:
 
     def usage(self) -> Usage:
         job = self.job
-        cached = l2 = 0
+        cached = l2 = l3 = 0
         for p in range(len(job.prompts)):
             gens = self._gens[p * job.n : (p + 1) * job.n]
             least = min(gens, key=lambda g: g.cached_tokens, default=None)  # what the prompt surely had
             if least is not None:
                 cached += least.cached_tokens
                 l2 += least.cached_tokens_l2
+                l3 += least.cached_tokens_l3
         return Usage(
             prompt_tokens=sum(len(p) for p in job.prompts),
             completion_tokens=sum(self._completion_tokens),
             cached_tokens=cached,
             cached_tokens_l2=l2,
+            cached_tokens_l3=l3,
         )
 
     async def _pump(

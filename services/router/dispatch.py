@@ -197,6 +197,7 @@ class Dispatcher:
             first,
             reply.cached_tokens,
             reply.cached_tokens_l2,
+            reply.cached_tokens_l3,
         )
 
     def _release_reserve(self, reserve: asyncio.Future[Candidate] | None, rid: str) -> None:
@@ -301,6 +302,7 @@ class Generation:
         first: TokenChunk,
         cached_tokens: int,
         cached_tokens_l2: int = 0,
+        cached_tokens_l3: int = 0,
     ) -> None:
         self._d = dispatcher
         self.rid = rid
@@ -310,6 +312,7 @@ class Generation:
         self.first = first
         self.cached_tokens = cached_tokens
         self.cached_tokens_l2 = cached_tokens_l2  # of cached_tokens, from the worker's host tier
+        self.cached_tokens_l3 = cached_tokens_l3  # of cached_tokens, from GCache through the host tier
         self._settled = False  # the workers know the sequence is over, and its load is released
 
     async def chunks(self) -> AsyncGenerator[TokenChunk, None]:

@@ -98,6 +98,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int
     cached_tokens_l2: int = 0  # of cached_tokens, restored from a worker's host tier (L2)
+    cached_tokens_l3: int = 0  # of cached_tokens, fetched from GCache (L3) through the host tier
 
     @property
     def total_tokens(self) -> int:

@@ -18,8 +18,12 @@ def usage_json(u: Usage) -> dict[str, Any]:
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {
             "cached_tokens": u.cached_tokens,
-            # swaserve extension: where the cached tokens came from (device L1, host L2)
-            "cached_tokens_by_tier": {"l1": u.cached_tokens - u.cached_tokens_l2, "l2": u.cached_tokens_l2},
+            # swaserve extension: where the cached tokens came from (device L1, host L2, GCache L3)
+            "cached_tokens_by_tier": {
+                "l1": u.cached_tokens - u.cached_tokens_l2 - u.cached_tokens_l3,
+                "l2": u.cached_tokens_l2,
+                "l3": u.cached_tokens_l3,
+            },
         },
     }
 

@@ -17,7 +17,9 @@ L is here; no sequence's whole SWA history is ever stored.
 Eviction is segmented LRU per kind: an entry starts on probation and moves to the protected
 segment when a lookup uses it; probation is evicted first. One-shot prefixes (a scan of new
 conversations) therefore cannot push out a hot one (a shared system prompt, a long conversation's
-turns). Host pages come from two PagePools; services/engine/host_store.py holds the bytes.
+turns). The protected segment holds at most PROTECTED_FRACTION of a kind's pages: past that its
+least recently used entries go back to probation (so new entries always have room to prove
+themselves). Host pages come from two PagePools; services/engine/host_store.py holds the bytes.
 
 Events (tier "l2", kv/events.py) tell the router what L2 holds: a full block is a "full" event of
 its hash, a tail a "swa" event of the hash of the page it ends at, so that an index built with a
@@ -48,12 +50,18 @@ class HostHit:
     tail_first: int  # logical page index of tail[0] (= swa_keep_start(end * P) / P)
 
 
-class _Segments:
-    """Segmented LRU of one kind: key -> host pages (a tuple). Probation first out."""
+PROTECTED_FRACTION = 0.8
 
-    def __init__(self) -> None:
+
+class _Segments:
+    """Segmented LRU of one kind: key -> host pages (a tuple). Probation first out; the protected
+    segment holds at most `max_protected` pages (overflow is demoted to probation's young end)."""
+
+    def __init__(self, max_protected: int) -> None:
         self.probation: OrderedDict[BlockHash, tuple[int, ...]] = OrderedDict()
         self.protected: OrderedDict[BlockHash, tuple[int, ...]] = OrderedDict()
+        self.max_protected = max_protected
+        self.protected_pages = 0
 
     def __len__(self) -> int:
         return len(self.probation) + len(self.protected)
@@ -68,13 +76,23 @@ class _Segments:
     def promote(self, key: BlockHash) -> None:
         if key in self.protected:
             self.protected.move_to_end(key)
-        elif key in self.probation:
-            self.protected[key] = self.probation.pop(key)
+            return
+        if key not in self.probation:
+            return
+        pages = self.protected[key] = self.probation.pop(key)
+        self.protected_pages += len(pages)
+        while self.protected_pages > self.max_protected and len(self.protected) > 1:
+            old, old_pages = self.protected.popitem(last=False)
+            self.protected_pages -= len(old_pages)
+            self.probation[old] = old_pages
 
     def pop_victim(self) -> tuple[BlockHash, tuple[int, ...]] | None:
-        for seg in (self.probation, self.protected):
-            if seg:
-                return seg.popitem(last=False)
+        if self.probation:
+            return self.probation.popitem(last=False)
+        if self.protected:
+            key, pages = self.protected.popitem(last=False)
+            self.protected_pages -= len(pages)
+            return key, pages
         return None
 
 
@@ -92,8 +110,8 @@ class HostTier:
         self.window = window
         self.full_pool = PagePool(full_pages, page_size, "host-full")
         self.swa_pool = PagePool(swa_pages, page_size, "host-swa")
-        self._full = _Segments()
-        self._tails = _Segments()
+        self._full = _Segments(int(PROTECTED_FRACTION * full_pages))
+        self._tails = _Segments(int(PROTECTED_FRACTION * swa_pages))
         self.evicted_full = 0
         self.evicted_tails = 0
 
@@ -127,9 +145,14 @@ class HostTier:
 
     def use(self, hashes: Sequence[BlockHash], hit: HostHit) -> None:
         """A hit was restored: its entries move to (the young end of) the protected segment."""
-        for i in range(hit.start, hit.end):
-            self._full.promote(hashes[i])
-        self._tails.promote(hashes[hit.end - 1])
+        self.protect(hashes[hit.start : hit.end], hashes[hit.end - 1])
+
+    def protect(self, full: Sequence[BlockHash], tail: BlockHash | None = None) -> None:
+        """Move these entries to the young end of the protected segment (those that are here)."""
+        for key in full:
+            self._full.promote(key)
+        if tail is not None:
+            self._tails.promote(tail)
 
     # -- writes --------------------------------------------------------------------------------
     def store_full(

@@ -81,3 +81,16 @@ def test_a_used_prefix_survives_a_scan_of_one_shot_prefixes():
     for seed in range(11, 30):
         _write(cold_tier, _hashes(seed, 6), 6)
     assert cold_tier.lookup(hot, 0) is None
+
+
+def test_the_protected_segment_is_capped_and_its_oldest_go_back_to_probation():
+    tier = HostTier(10, 4, 4, 8)
+    keys = [BlockHash(1000 + i) for i in range(10)]
+    for k in keys:
+        assert tier.store_full(k) is not None
+    tier.protect(keys)  # all used once, oldest first
+    assert tier._full.protected_pages == 8  # 80% of 10 pages
+    assert list(tier._full.probation) == keys[:2]  # the two oldest were demoted
+    # a new block evicts the oldest demoted one, never a protected one
+    assert tier.store_full(BlockHash(5)) is not None
+    assert not tier.has_full(keys[0]) and all(tier.has_full(k) for k in keys[1:])
