@@ -16,12 +16,16 @@ hit on one worker), half are new (only the system prompt hits, on every worker).
              direct = the prompt packed (`prompt_ids_packed`, what the router sends too); the same
              call with the `repeated int32 prompt_ids` field is shown for reference. "router CPU" =
              the router process's CPU time (all threads, /proc) over the requests / their number:
-             steadier than latency when other processes compete for the cores.
+             steadier than latency when other processes compete for the cores. The router
+             follows the same prefix index through KV events in Redis (the cluster's state
+             published by one KVEventPublisher per worker), so its decisions are cache-aware as in
+             the decision bench (`--router-index empty`: an empty index, every request a miss).
 
 Goals: decision p99 <= 2 ms; HTTP adds <= 3 ms p50. The index is services.common.prefix_index when
 importable, else the tests' FakePrefixIndex (the table says which).
 
     python bench/router_overhead.py [--quick] [--workers 64] [--prompt-tokens 32768] [--page-size 64]
+                                    [--router-index events|empty]
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import array
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -125,12 +131,13 @@ class Cluster:
         sys_hashes = hash_blocks(system, page)
         self.prefill = [f"prefill-{i}" for i in range(n)]
         self.convs: list[list[int]] = []
+        self.kv: dict[str, tuple[set[Any], set[Any]]] = {}  # worker -> (full, swa): what it publishes
         for i in range(n):
-            put(self.index, addrs[i], sys_hashes, sys_hashes[-need:])
+            self._put(addrs[i], sys_hashes, sys_hashes[-need:])
         for c in range(args.conversations):
             conv = system + tokens(rng, CONV_TOKENS - SYSTEM_TOKENS)
             hashes = hash_blocks(conv, page)
-            put(self.index, addrs[c % n], hashes, hashes[-need:])  # SWA kept at the prompt end only
+            self._put(addrs[c % n], hashes, hashes[-need:])  # SWA kept at the prompt end only
             self.convs.append(conv)
         reg = WorkerRegistry(redis_url, ttl=3600)
         for i, addr in enumerate(addrs):
@@ -141,6 +148,29 @@ class Cluster:
                                free_kv_tokens=rng.randrange(100_000, 1_000_000))  # fmt: skip
             reg.redis.set(reg.key(role, rec.worker_id), rec.to_json(), ex=3600)
         self.system = system
+
+    def _put(self, worker: str, full: list[Any], swa: list[Any]) -> None:
+        put(self.index, worker, full, swa)
+        f, s = self.kv.setdefault(worker, (set(), set()))
+        f.update(full)
+        s.update(swa)
+
+    def publish(self, redis_url: str, page: int) -> list[Any]:
+        """Every worker's blocks as KV events in Redis (one resync each), for a router to follow."""
+        from services.common.kv_event_bus import KVEventPublisher
+
+        def state(full: set[Any], swa: set[Any]) -> Callable[[], tuple[Iterable[Any], Iterable[Any]]]:
+            return lambda: (full, swa)
+
+        pubs = []
+        for worker, (full, swa) in self.kv.items():
+            pub = KVEventPublisher(redis_url, worker, page, WINDOW, snapshot_fn=state(full, swa), ttl=3600)
+            pub.publish([])  # the first publish writes the whole state
+            pubs.append(pub)
+        for pub in pubs:
+            if not pub.flush(timeout=60):
+                raise SystemExit("KV events were not written to Redis")
+        return pubs
 
     def prompts(self, rng: random.Random, count: int, length: int) -> list[list[int]]:
         out = []
@@ -222,7 +252,7 @@ def timed_loop(h: Any, stub: Any, bodies: list[bytes], direct: list[Any], plain:
     an order that rotates each round (what runs after the router's request shares the machine
     with its background Abort)."""
     headers = {"content-type": "application/json"}
-    out: dict[str, Any] = {"via": [], "direct": [], "direct_plain": []}
+    out: dict[str, Any] = {"via": [], "direct": [], "direct_plain": [], "via_conv": [], "via_new": []}
 
     def via(k: int) -> None:
         r = h.post("/v1/completions", content=bodies[k], headers=headers)
@@ -245,6 +275,8 @@ def timed_loop(h: Any, stub: Any, bodies: list[bytes], direct: list[Any], plain:
             calls[name](i % len(bodies))
             if i >= warmup:
                 out[name].append(time.perf_counter() - t0)
+                if name == "via":  # Cluster.prompts: even ones continue a conversation, odd ones are new
+                    out["via_new" if i % len(bodies) % 2 else "via_conv"].append(out["via"][-1])
     out["router_cpu"] = (cpu_seconds(router_pid) - cpu0) / n
     return out
 
@@ -255,9 +287,11 @@ def bench_http(
     import httpx
 
     port = free_port()
+    publishers = cluster.publish(redis_url, args.page_size) if args.router_index == "events" else []
     cmd = [sys.executable, "-m", "services.router.main", "--port", str(port), "--model", MODEL,
            "--redis-url", redis_url, "--page-size", str(args.page_size), "--kv-window", str(WINDOW),
-           "--max-context", str(args.prompt_tokens + 1024), "--log-level", "warning"]  # fmt: skip
+           "--max-context", str(args.prompt_tokens + 1024), "--log-level", "warning",
+           "--prefix-index", "on"]  # fmt: skip
     router = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     rng = random.Random(2)
     prompts = cluster.prompts(rng, 8, args.prompt_tokens)
@@ -279,7 +313,10 @@ def bench_http(
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    if h.get("/health").json().get("prefill_workers") == args.workers:
+                    up = h.get("/health").json().get("prefill_workers") == args.workers
+                    if up and (
+                        not publishers or "swaserve_router_index_usable 1.0" in h.get("/metrics").text
+                    ):
                         break
                 except httpx.HTTPError:
                     pass
@@ -287,12 +324,24 @@ def bench_http(
                     raise SystemExit("the router did not come up")
                 time.sleep(0.2)
             big = timed_loop(h, stub, *requests(prompts), args.http_requests, 20, router.pid)
+            reasons = decision_reasons(h.get("/metrics").text)
             short = timed_loop(h, stub, *requests(small), args.http_requests, 20, router.pid)
     finally:
         channel.close()
         router.terminate()
         router.wait(timeout=15)
+        for pub in publishers:
+            pub.close()
+    big["reasons"] = reasons
     return {"32k": big, "1k": short}
+
+
+def decision_reasons(metrics: str) -> dict[str, int]:
+    """The router's decisions so far by reason (swaserve_router_decisions_total)."""
+    out = {}
+    for m in re.finditer(r'^swaserve_router_decisions_total\{reason="(\w+)"\} ([0-9.e+]+)$', metrics, re.M):
+        out[m.group(1)] = int(float(m.group(2)))
+    return out
 
 
 def main() -> None:
@@ -303,6 +352,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32768)
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--conversations", type=int, default=256)
+    p.add_argument("--router-index", choices=["events", "empty"], default="events",
+                   help="the router follows the cluster's prefix index (KV events in Redis), or none")  # fmt: skip
     p.add_argument("--serve-fake-workers", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_fake_workers:
@@ -348,6 +399,8 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
     p99 = pct(tot, 0.99)
     print(f"| decision (hash + candidates + match + score + pick), n={len(tot)} | {statistics.median(tot) * ms:.3f} "
           f"| {p99 * ms:.3f} | {1 / statistics.mean(tot):,.0f} | p99 <= 2 ms | {'yes' if p99 <= 0.002 else 'NO'} |")  # fmt: skip
+    if "reasons" in http["32k"]:
+        print(f"router's decisions over HTTP (32k): {http['32k']['reasons']}")
     for label, run in http.items():
         via, direct, plain = run["via"], run["direct"], run["direct_plain"]
         v50, d50 = statistics.median(via), statistics.median(direct)
@@ -362,6 +415,9 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
               f"| {1 / statistics.mean(via):,.0f} | | |")  # fmt: skip
         print(f"| router adds, {label} prompt (p50 difference to packed direct) | {added * ms:.2f} | | | {goal} "
               f"| {met} |")  # fmt: skip
+        conv, new = statistics.median(run["via_conv"]) - d50, statistics.median(run["via_new"]) - d50
+        print(f"| (router adds: next turn of a conversation / new conversation) | {conv * ms:.2f} / {new * ms:.2f} "
+              f"| | | | |")  # fmt: skip
         print(
             f"| router CPU per request, {label} prompt (all its threads) | {run['router_cpu'] * ms:.2f} | | | | |"
         )
