@@ -20,14 +20,10 @@ routing: the case a shared L3 is for). Modes, all at the same device (L1) capaci
                           to L2 is written down to L3; a request whose prompt goes past what its
                           worker's L1 and L2 hold looks L3 up, installs the hit into L2 and is
                           restored from there at admission
-Prompts continue earlier turns at the token level: a Mooncake trace names 512-token blocks, so a
-conversation's next turn, whose prefix is the whole previous prompt, shows a *different* id for
-the block where the previous prompt ended (that block grew). Built block by block, that block's
-tokens would be unrelated and the shared prefix would stop at a block boundary, where no cache
-keeps an SWA tail (neither would a real conversation). So when a request's leading ids are an
-earlier request's full blocks and it has more, its prompt starts with that request's exact
-tokens (bench.replay.prompts' blocks for the rest). The ideal (infinite cache) counts the longer
-of the block-level hit (bench/replay/ideal.py) and that continued prompt.
+Prompts continue earlier turns at the token level, as bench replay builds them by default
+(bench/replay/prompts.py, `Continuations`): a conversation's next turn starts with the previous
+prompt's exact tokens, so it reaches the end where a cache keeps the SWA tail. The ideal (infinite
+cache) is bench/replay/ideal.py's token-exact one.
 
     python bench/kv_tier_hit_rate.py [--quick] [--trace PATH] [--requests N] [--prompt-scale F]
                                      [--workers 4] [--host-x 4 16] [--l3-x 64]
@@ -45,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.replay.ideal import ideal_hit_tokens  # noqa: E402
-from bench.replay.prompts import PromptBuilder  # noqa: E402
+from bench.replay.prompts import Continuations, PromptBuilder  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
 from services.common.block_hash import BlockHash  # noqa: E402
 from services.engine.kv.host_tier import HostHit, HostTier  # noqa: E402
@@ -86,38 +82,20 @@ class AllSwaHostTier(HostTier):
         return HostHit(start, end, tuple(full), (), max(0, end - self.need)) if end > start else None
 
 
-def build_prompts(reqs, block: int, scale: float) -> tuple[list[list[int]], list[int]]:  # type: ignore[no-untyped-def]
-    """Token prompts of the trace's requests, each continuing the latest earlier request whose
-    full blocks it starts with (see the module doc); also the continued length of each (0: none)."""
-    builder = PromptBuilder(seed=0)
-    by_full_blocks: dict[tuple[int, ...], list[int]] = {}  # ids of all but the last block -> prompt
-    prompts, continued = [], []
-    for r in reqs:
-        n = max(1, round(r.input_length / scale))
-        ids: list[int] = []
-        for h in r.hash_ids:  # block by block, as bench.replay.prompts builds them
-            ids += builder.block_tokens(h, block, min(block, n - len(ids)))
-            if len(ids) >= n:
-                break
-        ids = ids[:n]
-        cont = 0
-        for j in range(len(r.hash_ids) - 1, 0, -1):
-            prev = by_full_blocks.get(tuple(r.hash_ids[:j]))
-            if prev is not None and j * block < len(prev) < n:
-                ids[: len(prev)] = prev  # the earlier turn's exact tokens, then this turn's own
-                cont = len(prev)
-                break
-        prompts.append(ids)
-        continued.append(cont)
-        by_full_blocks[tuple(r.hash_ids[:-1])] = ids
-    return prompts, continued
-
-
 @dataclass(frozen=True)
 class _Scaled:  # a trace request at the bench's scale, for bench.replay.ideal
     input_length: int
     hash_ids: tuple[int, ...]
     block_size: int
+
+
+def build_prompts(reqs, block: int, scale: float) -> tuple[list[list[int]], list[int]]:  # type: ignore[no-untyped-def]
+    """Token prompts of the trace's requests at this scale, later turns continuing earlier prompts
+    (bench.replay.prompts.Continuations); also the continued length of each (0: none)."""
+    scaled = [_Scaled(max(1, round(r.input_length / scale)), tuple(r.hash_ids), block) for r in reqs]
+    plan = Continuations.plan(scaled)
+    builder = PromptBuilder(seed=0, continuations=plan)
+    return [builder.token_ids(r) for r in scaled], list(plan.continued)
 
 
 @dataclass
@@ -219,10 +197,15 @@ def main() -> None:
     block = round(512 / args.prompt_scale)
     prompts, continued = build_prompts(reqs, block, args.prompt_scale)
     total = sum(len(x) for x in prompts)
-    blockwise = ideal_hit_tokens(
-        [_Scaled(len(x), r.hash_ids, block) for r, x in zip(reqs, prompts, strict=True)]
+    ideal = (
+        sum(
+            ideal_hit_tokens(
+                [_Scaled(len(x), tuple(r.hash_ids), block) for r, x in zip(reqs, prompts, strict=True)],
+                continued,
+            )
+        )
+        / total
     )
-    ideal = sum(max(b, c) for b, c in zip(blockwise, continued, strict=True)) / total
     device = args.device_tokens or (max(len(x) for x in prompts) * 3 // 2 // PAGE + 1) * PAGE
     tail_bytes = WINDOW * SWA_BYTES
     share = tail_bytes / (tail_bytes + total / len(prompts) * FULL_BYTES)  # one tail per mean prompt
@@ -233,7 +216,9 @@ def main() -> None:
         """A window-safe or all-SWA tier of `nbytes`, and the full-KV tokens it holds."""
         if kind == "window-safe":
             full_pages = int((1 - share) * nbytes / (FULL_BYTES * PAGE))
-            return HostTier(full_pages, int(share * nbytes / (SWA_BYTES * PAGE)), PAGE, WINDOW), full_pages * PAGE
+            return HostTier(
+                full_pages, int(share * nbytes / (SWA_BYTES * PAGE)), PAGE, WINDOW
+            ), full_pages * PAGE
         all_pages = int(nbytes / ((FULL_BYTES + SWA_BYTES) * PAGE))
         return AllSwaHostTier(all_pages), all_pages * PAGE
 
