@@ -7,9 +7,11 @@ one process (the tests) and each /metrics shows only its own series. Names follo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from services.engine.engine_loop import LoopStats
 
@@ -33,6 +35,32 @@ def loop_gauges(registry: CollectorRegistry, service: str, stats: Callable[[], L
 
     for what, (doc, attr) in fields.items():
         Gauge(f"swaserve_{service}_{what}", doc, registry=registry).set_function(reader(attr))
+
+
+L3_COUNTERS = {  # L3Counters field -> (metric suffix, help)
+    "writes": ("l3_writes", "values written down to GCache (L3)"),
+    "writes_dropped": ("l3_writes_dropped", "values not written down: too many bytes in flight"),
+    "write_errors": ("l3_write_errors", "values GCache refused or could not place"),
+    "write_bytes": ("l3_write_bytes", "bytes written down to GCache"),
+    "fetches": ("l3_lookups", "L3 lookups of queued requests"),
+    "fetch_hits": ("l3_lookup_hits", "L3 lookups that found a restorable prefix"),
+    "fetch_pages": ("l3_lookup_pages", "pages fetched from L3 into the host tier"),
+    "fetch_bytes": ("l3_lookup_bytes", "bytes fetched from L3"),
+    "fetch_errors": ("l3_lookup_errors", "L3 lookups that failed or returned a value of the wrong size"),
+}
+
+
+class L3Collector(Collector):
+    """The engine's L3 tier counters (services/engine/l3_tier.py), read at scrape time."""
+
+    def __init__(self, service: str, counters: Callable[[], dict[str, int]]) -> None:
+        self.service = service
+        self.counters = counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        values = self.counters()
+        for field, (name, doc) in L3_COUNTERS.items():
+            yield CounterMetricFamily(f"swaserve_{self.service}_{name}", doc, value=values.get(field, 0))
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:

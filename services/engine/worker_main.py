@@ -27,7 +27,7 @@ from services.common.kv_event_bus import KVEventPublisher
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.engine.engine import Engine, EngineConfig
 from services.engine.engine_loop import EngineLoop
-from services.engine.loop_metrics import serve_metrics
+from services.engine.loop_metrics import L3Collector, serve_metrics
 from services.engine.model_store import resolve_model
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
     loop = EngineLoop(engine, threads=args.torch_threads, name=f"{role}-engine").start()
     server, port = make_server(args.host, args.port)
     built = build(loop, server, metrics)
+    if engine.l3 is not None:
+        metrics.registry.register(L3Collector(role, engine.l3.counters_dict))
     metrics_addr = ""
     if args.metrics_port:
         mport = serve_metrics(metrics.registry, args.metrics_port, args.host)

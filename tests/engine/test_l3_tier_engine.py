@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.redis_server import RedisServer
 from services.engine.engine import Engine, EngineConfig
 from services.engine.kv_bytes import page_nbytes, read_pages, write_pages
 from services.engine.kv_store import KVStore
+from services.engine.loop_metrics import L3Collector
 from services.engine.sampling import SamplingParams
 from services.gcache.client import GCacheClient
 from tests.engine.tiny_models import mimo_dict, random_model, reference_greedy, reference_logits
@@ -112,6 +114,11 @@ def test_another_worker_restores_from_l3_with_the_same_output(mimo, cluster):
             assert req.cached_l3 > 0 and req.cached_l3 == req.cached_len, (req.cached_l3, req.cached_len)
             assert req.cached_l2 == 0
         assert reader.l3 is not None and reader.l3.counters.fetch_hits == len(convs)
+        registry = CollectorRegistry()  # what a worker's /metrics shows of it
+        registry.register(L3Collector("prefill", reader.l3.counters_dict))
+        text = generate_latest(registry).decode()
+        assert f"swaserve_prefill_l3_lookup_hits_total {float(len(convs))}" in text
+        assert f"swaserve_prefill_l3_lookup_bytes_total {float(reader.l3.counters.fetch_bytes)}" in text
         # a second request with the same prefix on the reader is now an L1 (or L2) hit, not L3
         again = convs[0] + [5, 6]
         (req,) = reader.generate([again], GREEDY)
