@@ -94,7 +94,9 @@ class L3Tier:
         self._lock = threading.Lock()
         self._inflight = 0
         self._pending: set[Future[None]] = set()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="l3-tier")
+        # separate threads, so that a backlog of writes never delays a queued request's lookup
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="l3-write")
+        self._fetcher = ThreadPoolExecutor(threads, thread_name_prefix="l3-fetch")
 
     def key_full(self, h: int) -> BlockKey:
         return BlockKey.for_block(h, self.ns + "/full")
@@ -113,7 +115,7 @@ class L3Tier:
                 self.counters.writes_dropped += len(items)
                 return False
             self._inflight += size
-        fut = self._pool.submit(self._put, list(items), size)
+        fut = self._writer.submit(self._put, list(items), size)
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(self._done)
@@ -153,7 +155,7 @@ class L3Tier:
         """The longest restorable run from page `start` (hashes[i] = page i's block hash), at most
         `max_pages` long, fetched in the background; the result is None for a miss (or any failure)."""
         stop = len(hashes) if max_pages is None else min(len(hashes), start + max_pages)
-        return self._pool.submit(self._fetch, list(hashes[:stop]), start)
+        return self._fetcher.submit(self._fetch, list(hashes[:stop]), start)
 
     def _fetch(self, hashes: list[BlockHash], start: int) -> L3Fetch | None:
         with self._lock:
@@ -208,7 +210,8 @@ class L3Tier:
         try:
             self.flush(timeout)
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._writer.shutdown(wait=False, cancel_futures=True)
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
 
 
 def _size(v: Any) -> int:
