@@ -6,7 +6,8 @@ conversation's end, as the radix cache retains it), plus a 2k-token system promp
 Requests are 32k-token prompts (page 64: 512 blocks): half continue a conversation (a ~30k window-safe
 hit on one worker), half are new (only the system prompt hits, on every worker).
 
-  decision   in-process, one thread: hash the prompt (hash_blocks), read the candidates from the
+  decision   in-process, one thread: prepare the prompt (its key; pages are hashed as the index
+             match reads them, services/router/page_hashes.py), read the candidates from the
              Redis-backed pool's snapshot, index match, filters, scorers, picker. p50 / p99 and
              decisions/s (= 1 / mean latency of one thread).
   HTTP       the router as a process (`python -m services.router.main`), FAKE workers (another
@@ -203,8 +204,9 @@ def bench_decisions(args: argparse.Namespace, cluster: Cluster, redis_url: str) 
     # as the router holds a prompt: an array("I") (services/router/prompts.py)
     prompts = [array.array("I", p) for p in cluster.prompts(rng, args.decisions, args.prompt_tokens)]
     total: list[float] = []
-    phases: dict[str, list[float]] = {"hash": [], "candidates": [], "match+score+pick": []}
+    phases: dict[str, list[float]] = {"prepare": [], "candidates": [], "hash+match+score+pick": []}
     reasons: dict[str, int] = {}
+    by_kind: dict[str, list[float]] = {"next turn": [], "new": []}
     try:
         for i, ids in enumerate(prompts * 2):
             t0 = time.perf_counter()
@@ -217,12 +219,20 @@ def bench_decisions(args: argparse.Namespace, cluster: Cluster, redis_url: str) 
             if i < len(prompts):
                 continue  # the first pass warms up
             total.append(t3 - t0)
+            by_kind["new" if i % 2 else "next turn"].append(t3 - t0)  # Cluster.prompts alternates them
             for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 phases[k].append(v)
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
     finally:
         pool.close()
-    return {"total": total, "phases": phases, "reasons": reasons, "n_prefill": len(pre), "n_decode": len(dec)}
+    return {
+        "total": total,
+        "phases": phases,
+        "reasons": reasons,
+        "by_kind": by_kind,
+        "n_prefill": len(pre),
+        "n_decode": len(dec),
+    }
 
 
 def free_port() -> int:
@@ -391,6 +401,10 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
     print(
         "phase p50 (ms): "
         + ", ".join(f"{k} {statistics.median(v) * ms:.3f}" for k, v in dec["phases"].items())
+    )
+    print(
+        "decision p50 (ms) by prompt: "
+        + ", ".join(f"{k} {statistics.median(v) * ms:.3f}" for k, v in dec["by_kind"].items())
     )
     print(f"\n## Router overhead ({args.workers} prefill workers, {args.prompt_tokens}-token prompts = {blocks} "
           f"blocks of {args.page_size}; index: {cluster.index_name}; {os.cpu_count()} cores)")  # fmt: skip

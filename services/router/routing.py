@@ -1,6 +1,7 @@
 """The transport-free routing entry: prompt token ids + candidates -> RoutingDecision.
 
     prompt ids --hash_blocks--> block hashes --index.match--> PrefixHit per worker
+                (hashed as far as the match reads them: page_hashes.py)
     prefill candidates --prefill Profile--> ranking ----\
     decode candidates  --decode Profile---> ranking -----+--> RoutingDecision
 
@@ -26,9 +27,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.block_hash import BlockHash, hash_blocks
+from services.common.block_hash import BlockHash
 from services.common.prompt_wire import pack_ids, token_array
 from services.common.registry import WorkerRecord
+from services.router.page_hashes import PageHashes
 from services.router.policy import Candidate, PolicyConfig, PrefixHit, Profile, RouteRequest
 from services.router.workers import Role, WorkerPool
 
@@ -68,10 +70,11 @@ class NoCandidate(Exception):
 
 @dataclass(frozen=True)
 class Prompt:
-    """A prompt hashed once per request (the hashes serve every retry and every choice)."""
+    """A prompt hashed once per request (the hashes serve every retry and every choice), each
+    page when first read (page_hashes.PageHashes)."""
 
     token_ids: Sequence[int]
-    block_hashes: tuple[BlockHash, ...]
+    block_hashes: Sequence[BlockHash]  # the usable pages (see prepare)
     key: bytes  # prompt_key: identifies the whole prompt, the partial last page included
 
 
@@ -124,16 +127,15 @@ class RoutingPipeline:
         self._usable_last: bool | None = None
 
     def prepare(self, prompt_ids: Sequence[int], key: bytes | None = None) -> Prompt:
-        """Hash the prompt's pages (an array("I") is hashed without a conversion). `key`: its
-        prompt_key if already known."""
+        """The prompt with its page hashes, computed as far as the index reads them (an
+        array("I") is hashed without a conversion). `key`: its prompt_key if already known."""
         ps = self.config.page_size
         ids = token_array(prompt_ids)
-        hashes = tuple(hash_blocks(ids, ps))
         # A worker always computes the prompt's last token, so it resumes at most at page
         # floor((n - 1) / P): a page-aligned prompt's last page is never a usable hit (and its
         # window-safety is judged one page earlier). Matching it would credit a worker with a
         # whole prompt it recomputes (an exact repeat whose SWA tail starts at n - W).
-        usable = hashes[: (len(ids) - 1) // ps] if ids else ()
+        usable = PageHashes(ids, ps, (len(ids) - 1) // ps if ids else 0)
         return Prompt(prompt_ids, usable, prompt_key(pack_ids(ids)) if key is None else key)
 
     def rank_decode(

@@ -70,7 +70,7 @@ def test_cached_tokens_come_from_prefill(fakes: Cluster, tok: RouterTokenizer) -
     assert first.usage.prompt_tokens_details.cached_tokens < n - 1
     assert second.usage.prompt_tokens_details.cached_tokens == n - 1  # the fake caches all but the last
     by_tier = (second.usage.prompt_tokens_details.model_extra or {})["cached_tokens_by_tier"]
-    assert by_tier == {"l1": n - 1 - (n - 1) // 2, "l2": (n - 1) // 2}
+    assert by_tier == {"l1": n - 1 - (n - 1) // 2, "l2": (n - 1) // 2, "l3": 0}  # the fake has no L3
     metrics = fakes.http.get("/metrics").text
     assert re.search(r'swaserve_router_prompt_tokens_total\{source="l1"\} [1-9]', metrics)
 
