@@ -147,9 +147,12 @@ class Dispatcher:
         spent = time.perf_counter() - t0
         reserve = None
         if decodes:  # else route() raises the error: no decode (or no prefill) worker
-            reserve = asyncio.ensure_future(self._reserve(rid, decodes, n, sampling.max_tokens))
+            first = self._reserve_call(rid, decodes[0], n, sampling.max_tokens)
+            reserve = asyncio.ensure_future(self._reserve(rid, decodes, n, sampling.max_tokens, first))
         try:
-            await asyncio.sleep(0)  # the Reserve goes out before the hashing below holds the loop
+            # one loop turn: the call's task sends the Reserve (a task awaiting it would be one turn
+            # late), then the hashing below holds the loop while the worker answers
+            await asyncio.sleep(0)
             if prompt.hashed is None:
                 prompt.hashed = self.routing.prepare(prompt.ids, prompt.key)
             decision = self.route(prompt.hashed, sampling, failed, decodes, spent)
@@ -214,18 +217,32 @@ class Dispatcher:
         reserve.add_done_callback(self._background.discard)
         reserve.add_done_callback(release)
 
+    def _reserve_call(self, rid: str, w: Candidate, prompt_len: int, max_tokens: int) -> Any:
+        """A Reserve RPC to `w`, under way from the next loop turn (a grpc.aio call to await)."""
+        return self.clients.decode(w.addr).Reserve(
+            worker_pb2.ReserveRequest(rid=rid, prompt_len=prompt_len, max_tokens=max_tokens),
+            timeout=self.settings.reserve_timeout_s,
+        )
+
     async def _reserve(
-        self, rid: str, decodes: Sequence[Candidate], prompt_len: int, max_tokens: int
+        self,
+        rid: str,
+        decodes: Sequence[Candidate],
+        prompt_len: int,
+        max_tokens: int,
+        first: Any = None,
     ) -> Candidate:
+        """Reserve on the first of `decodes` that accepts; `first`: the call already made to
+        decodes[0]."""
         if not decodes:
             raise NoWorkerAvailable("no decode worker is available")
         refusals = []
-        for w in decodes:
+        for i, w in enumerate(decodes):
+            call = (
+                first if i == 0 and first is not None else self._reserve_call(rid, w, prompt_len, max_tokens)
+            )
             try:
-                reply = await self.clients.decode(w.addr).Reserve(
-                    worker_pb2.ReserveRequest(rid=rid, prompt_len=prompt_len, max_tokens=max_tokens),
-                    timeout=self.settings.reserve_timeout_s,
-                )
+                reply = await call
             except asyncio.CancelledError:
                 self.abort_later("decode", w.addr, rid)  # it may have reserved already
                 raise
