@@ -18,7 +18,7 @@ from typing import TypeVar
 import grpc
 
 from services.gcache.conn import GetResult, NodeError, PutResult
-from services.gcache.data_wire import configure, frame_head, read_head, recv_exact, send_buffers, value_buffer
+from services.gcache.data_wire import configure, frame_head, read_head, recv_value, send_buffers, value_buffer
 from services.gcache.results import PutCode, PutOutcome
 from services.gcache.wire import Buffer, WireError
 from services.proto_gen import gcache_pb2
@@ -79,12 +79,14 @@ class DataConn:
             if sum(it.size for it in items) != data_len or any(it.size < 0 for it in items):
                 raise WireError(f"found sizes add up to {sum(it.size for it in items)}, data is {data_len}")
             values: dict[int, memoryview] = {}
+            owed = data_len  # what the node still sends in this frame
             for it in items:
                 if it.index >= len(keys):
                     raise WireError(f"item index {it.index} beyond {len(keys)} keys")
                 buf = value_buffer(it.size)
-                recv_exact(sock, buf)
+                recv_value(sock, buf, owed)
                 values[it.index] = buf.toreadonly()
+                owed -= it.size
             return values
 
         values = self._run(call)

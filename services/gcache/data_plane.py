@@ -18,7 +18,7 @@ from services.gcache.data_wire import (
     discard,
     frame_head,
     read_head,
-    recv_exact,
+    recv_value,
     send_buffers,
     value_buffer,
 )
@@ -112,6 +112,7 @@ class DataPlaneServer:
             raise WireError("a data plane item's value follows the header (no shm_offset, no value)")
         statuses, received = [], 0
         migrated_blocks = migrated_bytes = 0
+        owed = data_len  # what the caller still sends in this frame
         for item in put.items:
             key = bytes(item.key)
             outcome = self.store.check_put(key, item.size)
@@ -119,13 +120,14 @@ class DataPlaneServer:
                 discard(conn, item.size, scratch)
             else:
                 value = value_buffer(item.size)
-                recv_exact(conn, value)
+                recv_value(conn, value, owed)
                 received += item.size
                 outcome = self.store.put(key, value)
                 if outcome.ok and put.migration:
                     migrated_blocks += 1
                     migrated_bytes += item.size
             statuses.append(gcache_pb2.PutStatus(code=outcome.code.name, error=outcome.error))
+            owed -= item.size
         with self._lock:
             self.bytes_in += received
         if migrated_blocks:

@@ -105,17 +105,17 @@ def test_node_killed_in_the_middle_of_a_get_is_misses(redis_server, start_node: 
     node = start_node(memory_bytes=128 * MiB, disk=False)
     data = [(rand_key(), os.urandom(4 * MiB)) for _ in range(16)]
     reading, killed = threading.Event(), threading.Event()
-    real = data_conn.recv_exact
+    real = data_conn.recv_value
 
-    def slow_reader(sock: socket.socket, buf: memoryview) -> None:
+    def slow_reader(sock: socket.socket, buf: memoryview, owed: int) -> None:
         if len(buf) == 4 * MiB and not reading.is_set():  # the first value: pause until the kill
             reading.set()
             assert killed.wait(10)
-        real(sock, buf)
+        real(sock, buf, owed)
 
     with client(redis_server) as c:
         assert c.put_many(data).ok
-        monkeypatch.setattr(data_conn, "recv_exact", slow_reader)
+        monkeypatch.setattr(data_conn, "recv_value", slow_reader)
         result: list[dict] = []
         t = threading.Thread(target=lambda: result.append(c.get_many([k for k, _ in data])))
         t.start()
