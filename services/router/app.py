@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from services.router.completion import CompletionCore
 from services.router.dispatch import Dispatcher
@@ -159,9 +160,14 @@ async def _serve(
         if req.stream:
             run = await run_or_disconnect(request, state.core.start(job, arrival))
             return StreamSession(run, fmt, req.include_usage, track).response()
-        results, usage = await run_or_disconnect(request, state.core.complete(job, arrival))
-        track.done(200)
-        return JSONResponse(fmt.response(results, usage))
+        held = state.core.hold_aborts()  # a finished sequence's Abort leaves after the response
+        try:
+            results, usage = await run_or_disconnect(request, state.core.complete(job, arrival))
+            track.done(200)
+            return _ReleaseAfterSend(fmt.response(results, usage), held.release)
+        except BaseException:
+            held.release()
+            raise
     except RouterError as e:
         track.done(e.status)
         raise
@@ -185,6 +191,20 @@ async def _parse(request: Request, model: type[M]) -> M:
         return model.model_validate(data, strict=True)  # JSON types as sent: no "7" for 7, no true for 1
     except ValidationError as e:
         raise from_validation_errors(e.errors()) from None
+
+
+class _ReleaseAfterSend(JSONResponse):
+    """A JSON response that calls `after()` once sent (or failed to send)."""
+
+    def __init__(self, content: Any, after: Callable[[], None]) -> None:
+        super().__init__(content)
+        self._after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._after()
 
 
 def _check_model(state: RouterState, name: str) -> None:

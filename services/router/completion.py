@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from services.router.dispatch import Dispatcher, Generation
+from services.router.dispatch import Dispatcher, Generation, HeldAborts
 from services.router.errors import RouterError
 from services.router.job import ChoiceEvent, ChoiceResult, CompletionJob, Usage
 from services.router.metrics import RouterMetrics
@@ -32,6 +32,10 @@ class CompletionCore:
         self.tok = tok
         self.eos_token_ids = eos_token_ids
         self.metrics = metrics
+
+    def hold_aborts(self) -> HeldAborts:
+        """Aborts of the caller's requests wait for the handle's release (Dispatcher.hold_aborts)."""
+        return self.dispatcher.hold_aborts()
 
     async def start(self, job: CompletionJob, arrival: float | None = None) -> CompletionRun:
         run = CompletionRun(self, job, time.monotonic() if arrival is None else arrival)

@@ -16,13 +16,16 @@ the failed workers avoided) only when a worker could not be reached; every other
 to a RouterError. A worker that answers UNAVAILABLE is reported to the pool as down if it then
 fails a Health probe too (a live worker may answer UNAVAILABLE for a failed KV transfer).
 Whatever ends a sequence early (client gone, router found a stop string, error) releases it on the
-workers with Abort, sent in the background so that a cancelled task still gets it out.
+workers with Abort, sent in the background so that a cancelled task still gets it out. Inside
+`hold_aborts()` (the HTTP layer, until a response has left) the Aborts wait: starting an RPC takes
+the loop for a while, and a finished request's Abort would otherwise delay its own response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncGenerator, Collection, Coroutine, Sequence
@@ -56,6 +59,38 @@ from services.router.settings import RouterSettings
 from services.router.workers import Role, WorkerClients, WorkerPool
 
 log = logging.getLogger("swaserve.router")
+
+
+class HeldAborts:
+    """Aborts asked for in one context (a request, and the tasks it starts) that wait for
+    `release()`; released anyway after `max_hold_s`, so that no reservation is held for long."""
+
+    def __init__(self, dispatcher: Dispatcher, max_hold_s: float) -> None:
+        self._d = dispatcher
+        self._held: list[tuple[str, str, str]] = []
+        self._released = False
+        self._timer = asyncio.get_running_loop().call_later(max_hold_s, self.release)
+
+    def hold(self, role: str, addr: str, rid: str) -> bool:
+        if self._released:
+            return False
+        self._held.append((role, addr, rid))
+        return True
+
+    def release(self) -> None:
+        """Send what was held (idempotent); later Aborts of the context go out at once."""
+        if self._released:
+            return
+        self._released = True
+        self._timer.cancel()
+        held, self._held = self._held, []
+        for role, addr, rid in held:
+            self._d.abort_later(role, addr, rid)
+
+
+_HELD: contextvars.ContextVar[HeldAborts | None] = contextvars.ContextVar(
+    "swaserve_held_aborts", default=None
+)
 
 
 class _Unreachable(Exception):
@@ -286,8 +321,18 @@ class Dispatcher:
 
         self._spawn(probe())
 
+    def hold_aborts(self, max_hold_s: float = 1.0) -> HeldAborts:
+        """From now on in the caller's context (and the tasks it starts), `abort_later` waits for
+        the returned handle's `release()` (or `max_hold_s`)."""
+        held = HeldAborts(self, max_hold_s)
+        _HELD.set(held)
+        return held
+
     def abort_later(self, role: str, addr: str, rid: str) -> None:
-        """Send Abort(rid) in the background; best effort (the worker may be gone)."""
+        """Send Abort(rid) in the background (see hold_aborts); best effort (the worker may be gone)."""
+        held = _HELD.get()
+        if held is not None and held.hold(role, addr, rid):
+            return
         stub: Any = self.clients.decode(addr) if role == "decode" else self.clients.prefill(addr)
         self._spawn(self._abort(stub, rid))
 
