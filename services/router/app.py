@@ -150,7 +150,7 @@ async def _serve(
     arrival = time.monotonic()
     track = RequestTrack(state.metrics, endpoint)
     try:
-        req = await _parse(request, model)
+        req, body = await _parse(request, model)
         _check_model(state, req.model)
         job, logprobs = build(req)
         envelope = Envelope(
@@ -164,7 +164,7 @@ async def _serve(
         try:
             results, usage = await run_or_disconnect(request, state.core.complete(job, arrival))
             track.done(200)
-            return _ReleaseAfterSend(fmt.response(results, usage), held.release)
+            return _ReleaseAfterSend(fmt.response(results, usage), held.release, keep=body)
         except BaseException:
             held.release()
             raise
@@ -179,7 +179,9 @@ async def _serve(
         raise
 
 
-async def _parse(request: Request, model: type[M]) -> M:
+async def _parse(request: Request, model: type[M]) -> tuple[M, Any]:
+    """The validated request, and the parsed JSON it came from (freeing a 32k-id list takes ~0.1 ms:
+    the caller may keep it until its response has left)."""
     raw = await request.body()
     try:
         data = orjson.loads(raw)  # ~3x json.loads on a 32k-token id list
@@ -188,17 +190,20 @@ async def _parse(request: Request, model: type[M]) -> M:
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        return model.model_validate(data, strict=True)  # JSON types as sent: no "7" for 7, no true for 1
+        req = model.model_validate(data, strict=True)  # JSON types as sent: no "7" for 7, no true for 1
     except ValidationError as e:
         raise from_validation_errors(e.errors()) from None
+    return req, data
 
 
 class _ReleaseAfterSend(JSONResponse):
-    """A JSON response that calls `after()` once sent (or failed to send)."""
+    """A JSON response that calls `after()` once sent (or failed to send); it holds `keep` (the
+    parsed request) so that it is freed after the answer left, not before."""
 
-    def __init__(self, content: Any, after: Callable[[], None]) -> None:
+    def __init__(self, content: Any, after: Callable[[], None], keep: Any = None) -> None:
         super().__init__(content)
         self._after = after
+        self._keep = keep
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
