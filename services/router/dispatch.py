@@ -11,10 +11,11 @@ picks the prefill worker while the Reserve is out:
 
     rank decode --Reserve(...)----------------------------------> ok --\
                  hash pages, index match, rank prefill  -----------------+--> Prefill
- Failures before the first token are retried once (new rid,
-the failed workers avoided) only when a worker could not be reached; every other failure is mapped
-to a RouterError. A worker that answers UNAVAILABLE is reported to the pool as down if it then
-fails a Health probe too (a live worker may answer UNAVAILABLE for a failed KV transfer).
+
+Failures before the first token are retried once (new rid, the failed workers avoided) only when
+a worker could not be reached; every other failure is mapped to a RouterError. A worker that
+answers UNAVAILABLE is reported to the pool as down if it then fails a Health probe too (a live
+worker may answer UNAVAILABLE for a failed KV transfer).
 Whatever ends a sequence early (client gone, router found a stop string, error) releases it on the
 workers with Abort, sent in the background so that a cancelled task still gets it out. Inside
 `hold_aborts()` (the HTTP layer, until a response has left) the Aborts wait: starting an RPC takes
