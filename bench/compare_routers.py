@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-queue-policy", action="store_true", help="skip the fcfs vs uncached-first runs")
     p.add_argument(
+        "--chunk-size", type=int, default=None, help="the sims' prefill chunk, tokens (default theirs: 16384)"
+    )
+    p.add_argument(
         "--time-scale", type=float, default=None, help="fix K for every run (default: from --wall-rate)"
     )
     p.add_argument("--wall-rate", type=float, default=32.0, help="requests per wall second the fleet sees")
@@ -164,7 +167,7 @@ def make_run(
     k = time_scale(a, policy, workers, rate)
     w = Workload(trace, a.start, a.duration, x, k, a.max_output, a.prompt_scale, a.seed,
                  prompt_blocks=a.prompt_blocks)  # fmt: skip
-    spec = FleetSpec(workers, k, capacity_tokens=a.capacity_tokens, window=a.window)
+    spec = FleetSpec(workers, k, capacity_tokens=a.capacity_tokens, window=a.window, chunk_size=a.chunk_size)
     return RunSpec(POLICIES[policy], w, replace(spec, **fleet))
 
 

@@ -78,6 +78,7 @@ class FleetSpec:
     decode_capacity_tokens: int = 1 << 26
     heartbeat_ttl: float = 3.0
     window: int = 128  # the sims' cache window (MiMo-V2-Flash: 128); 0: every cached prefix reusable
+    chunk_size: int | None = None  # the sims' prefill chunk (--chunk-size); None: theirs, 16384 (LMSYS)
 
 
 @dataclass
@@ -104,6 +105,8 @@ def _sim_flags(spec: FleetSpec, model: str) -> list[str]:
              "--max-total-tokens", str(spec.capacity_tokens), "--window", str(spec.window)]  # fmt: skip
     if spec.queue_policy:
         flags += ["--queue-policy", spec.queue_policy]
+    if spec.chunk_size:
+        flags += ["--chunk-size", str(spec.chunk_size)]
     return flags
 
 

@@ -72,7 +72,8 @@ class RunSpec:
         w, f = self.workload, self.fleet
         qp = f"-{f.queue_policy}" if f.queue_policy else ""
         pb = "" if w.prompt_blocks == "continue" else f"-{w.prompt_blocks}"
-        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}-{self.policy.name}{qp}"
+        ch = f"-chunk{f.chunk_size}" if f.chunk_size else ""
+        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}{ch}-{self.policy.name}{qp}"
 
 
 def _replay(argv: list[str], log: Path, timeout: float) -> tuple[int, float, float]:

@@ -17,7 +17,7 @@ import pytest
 
 from bench.compare import analysis
 from bench.compare.analysis import Goal, SplitP90
-from bench.compare.fleet import POLICIES, FleetSpec, session_cpu_seconds
+from bench.compare.fleet import POLICIES, FleetSpec, _sim_flags, session_cpu_seconds
 from bench.compare.run import RunSpec, Workload, backlog_figures
 from bench.compare_routers import _better, _stale, main, time_scale
 from bench.replay.ideal import ideal_hit_rate
@@ -38,6 +38,55 @@ def test_split_at_the_median_length_gives_each_side_its_own_p90() -> None:
     assert (split.long_count, split.short_count) == (4, 5)  # 600..900 ok; 100..500
     assert split.short_p90_ms == pytest.approx(4.6)  # of 1..5: rank 3.6
     assert split.long_p90_ms == pytest.approx(8.7)  # of 6..9: rank 2.7
+
+
+def _crow(index: int, length: int, cached: int, ttft: float, ok: bool = True) -> dict[str, object]:
+    return {"index": index, "input_length": length, "cached_tokens": cached, "ttft_ms": ttft, "ok": ok}
+
+
+def test_split_by_uncached_tokens_puts_a_mostly_cached_long_prompt_with_the_short_ones() -> None:
+    # uncached = input - cached: 100, 200, 300, 4000 (long but 9000 cached), 5000, 6000; a failed one
+    rows = [_crow(0, 100, 0, 1.0), _crow(1, 200, 0, 2.0), _crow(2, 300, 0, 3.0), _crow(3, 13000, 9000, 4.0),
+            _crow(4, 5000, 0, 5.0), _crow(5, 6000, 0, 6.0), _crow(6, 9000, 0, 1e6, ok=False)]  # fmt: skip
+    assert analysis.uncached_tokens(rows[3]) == 4000
+    assert analysis.median_length(rows) == 5000.0  # by input length: failed requests count
+    threshold = analysis.median_length(rows, "uncached")  # successful requests only: 100..6000
+    assert threshold == 2150.0
+    by_input = analysis.split_p90(rows, 5000.0)
+    by_uncached = analysis.split_p90(rows, threshold, "uncached")
+    # request 3 (13000 tokens, 4000 to compute) is long by input but cheap: the splits disagree on it
+    assert (by_input.long_count, by_input.short_count, by_input.by) == (2, 4, "input")  # 13000, 6000
+    assert (by_uncached.long_count, by_uncached.short_count, by_uncached.by) == (3, 3, "uncached")
+    assert by_input.long_p90_ms == pytest.approx(5.8)  # of 4, 6
+    assert by_input.short_p90_ms == pytest.approx(4.4)  # of 1, 2, 3, 5
+    assert by_uncached.long_p90_ms == pytest.approx(5.8)  # of 4, 5, 6
+    assert by_uncached.short_p90_ms == pytest.approx(2.8)  # of 1, 2, 3
+    # a request without a cache figure (failed, or a server that reports none) counts as all uncached
+    assert analysis.uncached_tokens({"input_length": 7, "cached_tokens": None}) == 7
+
+
+def test_queue_split_reports_both_splits_at_the_fcfs_runs_medians(tmp_path: Path) -> None:
+    from bench.compare.report import queue_split
+
+    w = Workload(Path("x/conversation_trace.jsonl"), 0, 60, 16, 1)
+    runs = [RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, queue_policy=q)) for q in (None, "fcfs")]
+    fcfs_rows = [_crow(i, 1000 * (i + 1), 0, 10.0 * (i + 1)) for i in range(4)]  # uncached 1000..4000
+    uf_rows = [_crow(i, 1000 * (i + 1), 500 * i, 5.0 * (i + 1)) for i in range(4)]  # uncached 1000..2500
+    results: dict[str, object] = {"runs": {}}
+    for run, rows in zip(runs, (uf_rows, fcfs_rows), strict=True):
+        path = tmp_path / f"{run.key}.json"
+        path.write_text(json.dumps({"requests": rows}))
+        results["runs"][run.key] = {"replay_json": str(path)}  # type: ignore[index]
+    q = queue_split(results, runs)
+    assert q is not None
+    by = {sp["by"]: sp for sp in q["splits"]}
+    assert set(by) == {"input", "uncached"}
+    assert by["input"]["threshold"] == by["uncached"]["threshold"] == 2500.0  # the fcfs run's medians
+    assert by["input"]["uncached-first"]["long_count"] == 2
+    assert by["uncached"]["uncached-first"]["long_count"] == 0  # its hits kept every request <= 2500
+    assert by["uncached"]["fcfs"]["long_count"] == 2
+    results["runs"][runs[1].key] = {"error": "boom"}  # type: ignore[index]
+    assert queue_split(results, runs) is None
 
 
 @pytest.mark.parametrize(
@@ -183,6 +232,10 @@ def test_run_keys_tell_window_and_queue_policy_apart() -> None:
     keys = {RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, queue_policy=q, window=win)).key
             for q in (None, "fcfs") for win in (0, 128)}  # fmt: skip
     assert len(keys) == 4 and all(k.startswith("conversation-w8-x8-") for k in keys)
+    chunked = RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, chunk_size=4096))
+    assert chunked.key == "conversation-w8-x8-win128-chunk4096-swaserve-seed"
+    assert "--chunk-size" in _sim_flags(chunked.fleet, "m")
+    assert "--chunk-size" not in _sim_flags(FleetSpec(8, 1), "m")
     ids_only = replace(w, prompt_blocks="blocks")
     assert RunSpec(POLICIES["swaserve-seed"], ids_only, FleetSpec(8, 1)).key not in {
         RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1)).key
