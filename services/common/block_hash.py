@@ -92,15 +92,21 @@ def hash_blocks(
     step = 4 * page_size
     out: list[BlockHash] = []
     h = parent
+    # one reused message per page without extra: parent | count | tokens | 0x00 (a single update)
+    msg = bytearray(HASH_BYTES + 4 + step + 1)
+    msg[HASH_BYTES : HASH_BYTES + 4] = count
+    body = memoryview(msg)[HASH_BYTES + 4 : HASH_BYTES + 4 + step]
     for i in range(num_full):
         d = base.copy()
-        d.update(h.to_bytes(HASH_BYTES, "big"))
-        d.update(count)
-        d.update(packed[i * step : (i + 1) * step])
         extra = extras[i] if extras is not None and i < len(extras) else None
         if extra is None:
-            d.update(b"\x00")
+            msg[:HASH_BYTES] = h.to_bytes(HASH_BYTES, "big")
+            body[:] = packed[i * step : (i + 1) * step]
+            d.update(msg)
         else:
+            d.update(h.to_bytes(HASH_BYTES, "big"))
+            d.update(count)
+            d.update(packed[i * step : (i + 1) * step])
             d.update(b"\x01" + len(extra).to_bytes(4, "big"))
             d.update(extra)
         h = BlockHash(int.from_bytes(d.digest(), "big"))
