@@ -5,13 +5,14 @@ served before; the next turn is P + 32 new tokens, whose time to first token is 
 
   recompute   no prefix cache: all of P + 32 is computed
   L1 hit      P is in the device pool's radix cache: 32 tokens (plus the page-aligned rest) computed
-  L2 hit      other traffic pushed P out of the device pool (sized to hold about one prompt); the
-              host tier restores P's full pages and the SWA tail at its end, then computes the rest;
-              the restore runs layer by layer beside the forward (and, as a row, all before it)
+  L2 hit      P was evicted from the device pool (as other traffic would); the host tier restores
+              P's full pages and the SWA tail at its end, then computes the rest; the restore runs
+              layer by layer beside the forward (and, as a row, all before it: same engine, same P)
   L3 hit      P was served by *another* engine (another worker) that wrote it down to GCache (a real
               node process and redis-server, started here); this engine's L1 and L2 never saw it:
               the staged lookup fetches P's full blocks and tail from the node into L2, then as L2.
-              Once over the same-host shared-memory path, once over the node's TCP data plane.
+              Two reader engines take the same P, one over the same-host shared-memory path, one
+              over the node's TCP data plane.
 
 The model is mimo-tiny with its context raised to fit (RoPE has no limit of its own; weights are
 the same seeded random ones). Reported: median TTFT of --reps runs, the ratio to recompute, and
@@ -34,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,18 @@ from services.gcache.client import GCacheClient  # noqa: E402
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 SUFFIX = 32
+MODES = ("recompute", "L1 hit", "L2 hit", "L2 hit, blocking restore", "L3 hit, shared memory", "L3 hit, TCP")
+
+
+def say(what: str) -> None:
+    print(f"{what} ...", file=sys.stderr, flush=True)
+
+
+def drop_device_cache(engine: Engine) -> None:
+    """Evict everything the radix cache holds on the device (L2 keeps its copies)."""
+    engine.cache.evict_swa(engine.swa_pool.num_pages)
+    engine.cache.evict_full(engine.full_pool.num_pages)
+    assert engine.cache.evictable_full_pages() == 0
 
 
 def model_dir(tmp: Path, context: int) -> Path:
@@ -97,48 +111,60 @@ def main() -> None:
         path = model_dir(Path(tmp), 2 * n + 1024)
         page = 16
         device = (n + SUFFIX + page) // page * page + 2 * page  # holds one prompt: the next one evicts it
-        base_cfg = {"max_total_tokens": device, "chunk_size": 1024}
-        host = {"host_kv_tokens": 4 * n}
-        modes = {
-            "recompute": EngineConfig(**base_cfg, enable_prefix_cache=False),  # type: ignore[arg-type]
-            "L1 hit": EngineConfig(**base_cfg),  # type: ignore[arg-type]
-            "L2 hit": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
-            "L2 hit, blocking restore": EngineConfig(**base_cfg, **host, layerwise_restore=False),  # type: ignore[arg-type]
-            "L3 hit, shared memory": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
-            "L3 hit, TCP": EngineConfig(**base_cfg, **host),  # type: ignore[arg-type]
-        }
-        results: dict[str, list[tuple[float, int, int, int]]] = {}
-        host_mb = 0.0
+        base_cfg = EngineConfig(max_total_tokens=device, chunk_size=1024)
+        tiered = replace(base_cfg, host_kv_tokens=4 * n)
+        results: dict[str, list[tuple[float, int, int, int]]] = {m: [] for m in MODES}
+        fresh = lambda k: [rng.randrange(100, 100_000) for _ in range(k)]  # noqa: E731
         with gcache_node(memory_bytes=8 << 30) as redis_url:
-            for name, cfg in modes.items():
-                print(f"{name} ...", file=sys.stderr, flush=True)
-                engine = Engine.from_dir(path, cfg)
-                writer, clients = engine, []
-                if name.startswith("L3"):  # another worker writes; this one only reads
-                    shm = "shared" in name
-                    clients = [GCacheClient(redis_url, shm=shm, shm_bytes=1 << 30) for _ in range(2)]
-                    writer = Engine.from_dir(path, cfg)
-                    writer.attach_l3(clients[0], "mimo-long")
-                    engine.attach_l3(clients[1], "mimo-long")
-                results[name] = []
-                for _ in range(args.reps):
-                    prompt = [rng.randrange(100, 100_000) for _ in range(n)]
-                    writer.generate([prompt], ONE)  # the earlier turn
-                    if writer.l3 is not None:
-                        writer.l3.flush(120)
-                    if name.startswith("L2"):  # another conversation takes the device pool
-                        engine.generate([[rng.randrange(100, 100_000) for _ in range(n)]], ONE)
-                    results[name].append(
-                        ttft(engine, prompt + [rng.randrange(100, 100_000) for _ in range(SUFFIX)])
-                    )
-                if engine.host_store is not None:
-                    host_mb = engine.host_store.total_bytes() / 2**20
-                for e in {id(engine): engine, id(writer): writer}.values():
-                    if e.l3 is not None:
-                        e.l3.close()
-                for c in clients:
-                    c.close()
-                del engine, writer
+            clients = {
+                "writer": GCacheClient(redis_url, shm=True, shm_bytes=1 << 30),
+                "shm": GCacheClient(redis_url, shm=True, shm_bytes=1 << 30),
+                "tcp": GCacheClient(redis_url, shm=False),
+            }
+            for c in clients.values():
+                c.wait_for_nodes(1)
+            say("recompute")
+            plain = Engine.from_dir(path, replace(base_cfg, enable_prefix_cache=False))
+            for _ in range(args.reps):
+                results["recompute"].append(ttft(plain, fresh(n + SUFFIX)))
+            del plain
+            say("L1")
+            l1 = Engine.from_dir(path, base_cfg)
+            for _ in range(args.reps):
+                prompt = fresh(n)
+                l1.generate([prompt], ONE)  # the earlier turn
+                results["L1 hit"].append(ttft(l1, prompt + fresh(SUFFIX)))
+            del l1
+            say("L2")
+            l2 = Engine.from_dir(path, tiered)
+            host_mb = l2.host_store.total_bytes() / 2**20 if l2.host_store is not None else 0.0
+            for _ in range(args.reps):
+                prompt = fresh(n)
+                l2.generate([prompt], ONE)
+                for mode, layerwise in (("L2 hit", True), ("L2 hit, blocking restore", False)):
+                    drop_device_cache(l2)  # as if other traffic had taken the device pool
+                    l2.cfg = replace(l2.cfg, layerwise_restore=layerwise)
+                    results[mode].append(ttft(l2, prompt + fresh(SUFFIX)))  # restores P, not the suffix
+            del l2
+            say("L3")
+            writer = Engine.from_dir(path, tiered)  # another worker computed and wrote P down
+            writer.attach_l3(clients["writer"], "mimo-long")
+            readers = {}
+            for mode, key in (("L3 hit, shared memory", "shm"), ("L3 hit, TCP", "tcp")):
+                readers[mode] = Engine.from_dir(path, tiered)
+                readers[mode].attach_l3(clients[key], "mimo-long")
+            for _ in range(args.reps):
+                prompt = fresh(n)
+                writer.generate([prompt], ONE)
+                assert writer.l3 is not None
+                writer.l3.flush(300)
+                for mode, reader in readers.items():
+                    results[mode].append(ttft(reader, prompt + fresh(SUFFIX)))
+            for e in (writer, *readers.values()):
+                if e.l3 is not None:
+                    e.l3.close()
+            for c in clients.values():
+                c.close()
         base = statistics.median(r[0] for r in results["recompute"])
         for name, runs in results.items():
             med = statistics.median(r[0] for r in runs)
@@ -148,8 +174,8 @@ def main() -> None:
           f"CPU, median of {args.reps}; L2 host buffers {host_mb:.0f} MiB; L3: one GCache node, same host")  # fmt: skip
     print("| mode | TTFT ms | speed-up vs recompute | cached tokens | from L2 | from L3 |")
     print("|---|---|---|---|---|---|")
-    for name, med, speed, cached, l2, l3 in rows:
-        print(f"| {name} | {med * 1e3:.1f} | {speed:.1f}x | {cached} | {l2} | {l3} |")
+    for name, med, speed, cached, from_l2, from_l3 in rows:
+        print(f"| {name} | {med * 1e3:.1f} | {speed:.1f}x | {cached} | {from_l2} | {from_l3} |")
 
 
 if __name__ == "__main__":
