@@ -330,3 +330,34 @@ def test_harness_runs_two_policies_on_fresh_fleets_and_leaves_nothing_behind(
             assert not Path(f"/proc/{pid}").exists(), f"process {pid} left running"
     assert printed.splitlines()[-1].startswith(f"| {policies[-1]} |")  # the table comes last
     assert "SIMULATED" in printed and "duration 100 s" in printed
+
+
+# -- queue order on one worker, deterministic -----------------------------------------------------
+def test_queue_des_prompts_share_blocks_by_hash_id_with_exact_lengths() -> None:
+    from bench.compare.queue_des import prompt_from_blocks
+
+    a, b = _req(0, (1, 2), 6), _req(1, (1, 3, 4), 10)
+    pa, pb = prompt_from_blocks(a), prompt_from_blocks(b)
+    assert (len(pa), len(pb)) == (6, 10)
+    assert pa[:4] == pb[:4] and pa[4:] != pb[4:6]  # block id 1 shared, then 2 vs 3
+
+
+def test_queue_des_uncached_first_serves_the_cheap_request_of_a_queue_first() -> None:
+    from bench.compare.queue_des import Arrival, simulate
+
+    # a long prompt computing at t = 0; then at once a second long one and a short one wait behind it
+    long1, long2, short = (
+        Arrival(0.0, tuple(range(40000))),
+        Arrival(0.001, tuple(range(50000, 90000))),
+        Arrival(0.002, tuple(range(100000, 100500))),
+    )
+    arrivals = [long1, long2, short]
+    fcfs = {r["index"]: r["ttft_ms"] for r in simulate(arrivals, "fcfs")}
+    uf = {r["index"]: r["ttft_ms"] for r in simulate(arrivals, "uncached-first")}
+    assert uf[0] == pytest.approx(fcfs[0], rel=0.01)  # the prefill in progress is never overtaken
+    assert uf[2] < fcfs[2] - 200  # the short one jumps the waiting long one, which loses ~nothing ...
+    assert uf[1] == pytest.approx(fcfs[1], rel=0.01)
+    assert uf[2] > 0.9 * uf[0]  # ... but not the one in prefill: it waits for it under either policy
+    # a cached prefix counts as cheap: the same prompt again waits less than an uncached one of its length
+    again = simulate([long1, Arrival(5.0, long1.prompt_ids)], "fcfs")
+    assert again[1]["cached_tokens"] > 39000 and again[1]["ttft_ms"] < again[0]["ttft_ms"] / 5  # type: ignore[operator]
