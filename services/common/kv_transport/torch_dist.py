@@ -103,6 +103,9 @@ def join_group(backend: str, store: Any, rank: int, timeout: float, active: Call
     return out["group"]
 
 
+ENDED_GRACE_S = 1.0  # how long wait_works lets its works finish after the other side answered
+
+
 def wait_works(
     pg: Any, works: list[Any], buffers: list[torch.Tensor], active: Callable[[], bool], deadline: float
 ) -> bool:
@@ -126,7 +129,11 @@ def wait_works(
     threading.Thread(target=run, args=(pg, works, buffers), name="kv-torch-wait", daemon=True).start()
     while not done.wait(0.01):
         if not active():
-            return False
+            # gone, or done: a receiver that got every tensor answers at once, possibly before
+            # this side's works report completion; those complete right after, so wait briefly
+            if not done.wait(ENDED_GRACE_S):
+                return False
+            break
         if time.monotonic() > deadline:
             raise KVTransferError("tensors not moved before the transfer's deadline")
     if errors:
