@@ -59,6 +59,19 @@ def split_p90(rows: Sequence[Row], threshold: float, by: str = "input") -> Split
     return SplitP90(threshold, percentile(long, 90), percentile(short, 90), len(long), len(short), by)
 
 
+def long_cheap_p90(
+    rows: Sequence[Row], input_threshold: float, uncached_threshold: float
+) -> tuple[float, int]:
+    """(P90 TTFT, count) of the successful requests long by input length but short by uncached tokens at
+    admission: long prompts mostly cached, the class uncached-first moves ahead of costlier ones."""
+    ttft = [
+        r["ttft_ms"]
+        for r in rows
+        if r["ok"] and r["input_length"] > input_threshold and uncached_tokens(r) <= uncached_threshold
+    ]
+    return percentile(ttft, 90), len(ttft)
+
+
 # -- goals --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Goal:

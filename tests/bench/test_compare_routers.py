@@ -85,6 +85,10 @@ def test_queue_split_reports_both_splits_at_the_fcfs_runs_medians(tmp_path: Path
     assert by["input"]["uncached-first"]["long_count"] == 2
     assert by["uncached"]["uncached-first"]["long_count"] == 0  # its hits kept every request <= 2500
     assert by["uncached"]["fcfs"]["long_count"] == 2
+    # long by input (> 2500) and short by uncached (<= 2500): uncached-first's 3000 (1000 to compute)
+    # and 4000 (2500); none in fcfs, where nothing was cached
+    assert q["long_cheap"]["uncached-first"] == {"p90_ms": pytest.approx(19.5), "count": 2}
+    assert q["long_cheap"]["fcfs"]["count"] == 0
     results["runs"][runs[1].key] = {"error": "boom"}  # type: ignore[index]
     assert queue_split(results, runs) is None
 
