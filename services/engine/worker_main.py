@@ -64,6 +64,14 @@ def add_engine_args(p: argparse.ArgumentParser, queue_policy: str) -> None:
         "--l3-model-name", default="",
         help="names the weights in L3 keys: workers share L3 blocks only under one name (default: --model)",
     )  # fmt: skip
+    p.add_argument(
+        "--l3-lookup-timeout", type=float, default=2.0,
+        help="seconds a request waits for its L3 lookup before it is queued without it",
+    )  # fmt: skip
+    p.add_argument(
+        "--l3-max-inflight-mb", type=int, default=256,
+        help="L3 write-down: MiB on their way to GCache beyond which new writes are dropped (counted)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--torch-threads", type=int, default=None, help="default: $SWASERVE_TORCH_THREADS or all cores"
@@ -154,10 +162,13 @@ def attach_l3(engine: Engine, args: argparse.Namespace) -> Any:
         return None
     if engine.host is None:
         raise SystemExit("--gcache-redis-url needs --host-kv-tokens > 0: L3 is restored through L2")
+    if args.l3_lookup_timeout <= 0 or args.l3_max_inflight_mb <= 0:
+        raise SystemExit("--l3-lookup-timeout and --l3-max-inflight-mb must be > 0")
     from services.gcache.client import GCacheClient
 
     client = GCacheClient(args.gcache_redis_url)
-    engine.attach_l3(client, args.l3_model_name or args.model)
+    engine.attach_l3(client, args.l3_model_name or args.model, max_inflight_bytes=args.l3_max_inflight_mb << 20)
+    engine.l3_wait = args.l3_lookup_timeout
     log.info("L3: GCache at %s, namespace %s", args.gcache_redis_url, engine.l3.ns if engine.l3 else "")
     return client
 

@@ -195,3 +195,20 @@ def test_a_missing_tail_in_l3_restores_only_up_to_an_earlier_tail(mimo, cluster)
         # restored only to the earlier prompt's end (its tail is there), not to the longer one's
         assert 0 < r.cached_l3 <= len(short) + len(a.output_ids)
         assert r.cached_len < len(longer)
+
+
+def test_worker_flags_for_l3_fail_clearly_without_l2_or_with_bad_values(mimo):
+    import argparse
+
+    from services.engine.worker_main import attach_l3
+
+    no_l2, _ = _engine(mimo, None, host_kv_tokens=0)
+    args = argparse.Namespace(gcache_redis_url="redis://127.0.0.1:1/0", l3_model_name="", model="m",
+                              l3_lookup_timeout=2.0, l3_max_inflight_mb=256)  # fmt: skip
+    with pytest.raises(SystemExit, match="needs --host-kv-tokens"):
+        attach_l3(no_l2, args)
+    with_l2, _ = _engine(mimo, None)
+    for bad in ({"l3_lookup_timeout": 0.0}, {"l3_max_inflight_mb": 0}):
+        with pytest.raises(SystemExit, match="must be > 0"):
+            attach_l3(with_l2, argparse.Namespace(**(vars(args) | bad)))
+    assert attach_l3(with_l2, argparse.Namespace(**(vars(args) | {"gcache_redis_url": ""}))) is None
