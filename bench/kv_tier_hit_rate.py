@@ -115,20 +115,16 @@ def _worker(device_tokens: int, host: HostTier | None) -> Scheduler:
 
 def _l3_lookup(sched: Scheduler, l3: HostTier, req: Req) -> None:
     """The engine's staged L3 lookup (Engine._stage / _install_l3), as bookkeeping."""
-    host = sched.host
-    assert host is not None
-    hashes = sched.page_hashes(req, req.seq_len - 1)
-    have = sched.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // PAGE
-    hit = host.lookup(hashes, have)
-    if hit is not None:
-        have = hit.end
-    got = l3.lookup(hashes, have) if have < len(hashes) else None
+    assert sched.host is not None
+    beyond = sched.beyond_host(req)
+    if beyond is None:
+        return
+    hashes, start, room = beyond
+    got = l3.lookup(hashes[: start + room], start)
     if got is None:
         return
     l3.use(hashes, got)
-    for i in range(got.start, got.end):
-        host.store_full(hashes[i])
-    host.store_tail(hashes[got.end - 1], host.tail_pages(got.end))
+    sched.host.install(hashes, got.start, got.end, req.all_ids)
     req.l3_span = (got.start, got.end)
 
 

@@ -16,7 +16,6 @@ The prefill and decode services wrap this loop; `generate()` runs it to completi
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 
 import torch
 
-from services.common.block_hash import ROOT_HASH, BlockHash
+from services.common.block_hash import BlockHash
 from services.common.kv_payload import KVPayload
 from services.engine.host_store import HostKVStore
 from services.engine.kv.events import EventBuffer
@@ -48,7 +47,6 @@ from services.engine.sampling import Sampled, Sampler, SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
 
-log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -211,19 +209,11 @@ class Engine:
         """Start req's L3 lookup if its prompt goes past what L1 and L2 can restore; True if staged."""
         if self.l3 is None or self.host is None:
             return False
-        p = self.cfg.page_size
-        usable = (req.seq_len - 1) // p  # the last token is always computed
-        hashes = self.scheduler.page_hashes(req, req.seq_len - 1)
-        have = l1 = self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // p
-        hit = self.host.lookup(hashes, have)
-        if hit is not None:
-            have = hit.end
-        if usable <= have:
+        beyond = self.scheduler.beyond_host(req)
+        if beyond is None:
             return False
-        room = self.host.full_pool.num_pages - (have - l1)  # L2 must hold what it restores at once
-        if room <= 0:
-            return False
-        fetch = self.l3.fetch(hashes, have, room)
+        hashes, start, room = beyond
+        fetch = self.l3.fetch(hashes, start, room)
         self._staged[req.rid] = _Staged(req, fetch, time.monotonic() + self.l3_wait)
         return True
 
@@ -244,27 +234,20 @@ class Engine:
         """L3 -> L2: claim host pages for the fetched blocks and copy them in (engine thread)."""
         assert self.host is not None and self.host_store is not None
         p = self.cfg.page_size
-        hashes = req.page_hashes
-        tokens = req.all_ids
+        hashes = [BlockHash(h) for h in req.page_hashes]
         hs = self.host_store
-        for i, value in zip(range(got.start, got.end), got.full, strict=True):
-            parent = hashes[i - 1] if i else ROOT_HASH
-            hp = self.host.store_full(BlockHash(hashes[i]), BlockHash(parent), tokens[i * p : (i + 1) * p])
+        full, hps = self.host.install(hashes, got.start, got.end, req.all_ids)
+        for hp, value in zip(full, got.full, strict=True):
             if hp is not None:
                 write_pages(hs.k, hs.v, hs.specs, "full", p, [hp], value)
-            self.host.protect([BlockHash(hashes[i])])  # about to be used: older entries go first
-        end = got.end
-        parent = hashes[end - 2] if end > 1 else ROOT_HASH
-        n = self.host.tail_pages(end)
-        hps = self.host.store_tail(
-            BlockHash(hashes[end - 1]), n, BlockHash(parent), tokens[(end - 1) * p : end * p]
-        )
         if hps is not None:
             write_pages(hs.k, hs.v, hs.specs, "swa", p, hps, got.tail)
         req.l3_span = (got.start, got.end)
 
     def _write_down_l3(self, jobs: Sequence[SpillJob]) -> None:
-        """What went to L2 this step goes to L3 too, copied from the device now, sent in the background."""
+        """What went to L2 this step goes to L3 too, copied from the device now, sent in the background.
+        From the device, not from the host copy just made: a host page claimed twice in one step
+        holds only the later job's bytes (_run_spills), the device pages hold each job's own."""
         assert self.l3 is not None
         p = self.cfg.page_size
         st = self.store
@@ -276,10 +259,6 @@ class Engine:
             else:
                 items.append((self.l3.key_tail(job.keys[0]), rows.reshape(-1)))
         self.l3.write(items)
-
-    @property
-    def num_staged(self) -> int:
-        return len(self._staged)
 
     def staged_reqs(self) -> list[Req]:
         return [st.req for st in self._staged.values()]

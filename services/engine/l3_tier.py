@@ -109,7 +109,7 @@ class L3Tier:
         """Send values to GCache in the background; False (and nothing sent) if too much is in flight."""
         if not items:
             return True
-        size = sum(len(memoryview(v).cast("B")) for _, v in items)
+        size = sum(_size(v) for _, v in items)
         with self._lock:
             if self._inflight and self._inflight + size > self.max_inflight_bytes:
                 self.counters.writes_dropped += len(items)
@@ -171,9 +171,7 @@ class L3Tier:
             with self._lock:
                 self.counters.fetch_hits += 1
                 self.counters.fetch_pages += got.end - got.start
-                self.counters.fetch_bytes += self.full_nbytes * (got.end - got.start) + len(
-                    memoryview(got.tail).cast("B")
-                )
+                self.counters.fetch_bytes += self.full_nbytes * (got.end - got.start) + _size(got.tail)
         return got
 
     def _lookup(self, hashes: list[BlockHash], start: int) -> L3Fetch | None:
@@ -183,21 +181,22 @@ class L3Tier:
         full_keys = [self.key_full(h) for h in rest]
         tail_keys = [self.key_tail(h) for h in rest]
         present = self.store.exists_each(full_keys + tail_keys)
-        full_ok, tail_ok = present[: len(rest)], present[len(rest) :]
-        run = next((i for i, p in enumerate(full_ok) if not p), len(rest))
-        ends = [i + 1 for i in range(run) if tail_ok[i]]  # relative ends with a tail
+        full_here, tail_here = present[: len(rest)], present[len(rest) :]
+        run = next((i for i, p in enumerate(full_here) if not p), len(rest))
+        ends = [i + 1 for i in range(run) if tail_here[i]]  # relative ends with a tail
         while ends:
             n = ends.pop()
             values = self.store.get_many(full_keys[:n] + [tail_keys[n - 1]])
             full = [values.get(k) for k in full_keys[:n]]
             tail = values.get(tail_keys[n - 1])
             good = next((i for i, v in enumerate(full) if v is None or _size(v) != self.full_nbytes), n)
-            want_tail = self.tail_pages(start + n) * self.swa_page_nbytes
-            if good == n and tail is not None and _size(tail) == want_tail:
+            tail_ok = tail is not None and _size(tail) == self.tail_pages(start + n) * self.swa_page_nbytes
+            if good == n and tail_ok:
                 return L3Fetch(start, start + n, tuple(full), tail)
-            if tail is not None and _size(tail) != want_tail or good < n and full[good] is not None:
+            wrong_size = (tail is not None and not tail_ok) or (good < n and full[good] is not None)
+            if wrong_size:  # never installed
                 with self._lock:
-                    self.counters.fetch_errors += 1  # a value of the wrong size: never installed
+                    self.counters.fetch_errors += 1
             ends = [e for e in ends if e <= good]  # evicted meanwhile: a shorter end, if any
         return None
 

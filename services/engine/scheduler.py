@@ -190,8 +190,7 @@ class Scheduler:
                 new_full, new_swa = pages.restore_prefix(cached, match.full_pages[: cached // p], hit.end * p)
                 break
             except OutOfPages:
-                swa_need = hit.end - swa_keep_start(hit.end * p, p, self.cfg.window) // p
-                if attempt or not self._evict(hit.end - cached // p, swa_need):
+                if attempt or not self._evict(hit.end - cached // p, hit.end - hit.tail_first):
                     return 0
         req.restore = RestoreJob(hit.full, tuple(new_full), hit.tail, tuple(new_swa))
         self.host.use(hashes, hit)
@@ -199,6 +198,23 @@ class Scheduler:
             lo, hi = max(req.l3_span[0], cached // p), min(req.l3_span[1], hit.end)
             req.cached_l3 = max(0, hi - lo) * p
         return hit.end * p - cached
+
+    def beyond_host(self, req: Req) -> tuple[list[BlockHash], int, int] | None:
+        """Where a lookup in a tier below L2 (L3) would start for req: (its page hashes, the first
+        page neither L1 nor L2 can restore, how many pages L2 can take in at once), or None if
+        there is nothing past them (or no room). Read-only."""
+        assert self.host is not None
+        p = self.cfg.page_size
+        usable = (req.seq_len - 1) // p  # the last token is always computed
+        hashes = self.page_hashes(req, req.seq_len - 1)
+        have = l1 = self.cache.match(req.all_ids[: req.seq_len - 1]).safe_len // p
+        hit = self.host.lookup(hashes, have)
+        if hit is not None:
+            have = hit.end
+        room = self.host.full_pool.num_pages - (have - l1)  # L2 must hold what it restores at once
+        if usable <= have or room <= 0:
+            return None
+        return hashes, have, room
 
     def page_hashes(self, req: Req, num_tokens: int) -> list[BlockHash]:
         """Block hashes of req's full pages within [0, num_tokens), extending req.page_hashes."""
@@ -219,10 +235,8 @@ class Scheduler:
         dev: list[int] = []
         host: list[int] = []
         keys: list[BlockHash] = []
-        tokens = req.all_ids
         for i in range(n):
-            parent = hashes[i - 1] if i else ROOT_HASH
-            hp = self.host.store_full(hashes[i], parent, tokens[i * p : (i + 1) * p])
+            hp = self.host.store_full_at(hashes, i, req.all_ids)
             if hp is not None:
                 dev.append(full[i])
                 host.append(hp)
@@ -231,8 +245,7 @@ class Scheduler:
             self.spills.append(SpillJob("full", tuple(dev), tuple(host), tuple(keys)))
         tail = swa[swa_keep_start(length, p, self.cfg.window) // p : n]
         if tail and all(pg is not None for pg in tail):
-            parent = hashes[n - 2] if n > 1 else ROOT_HASH
-            hps = self.host.store_tail(hashes[n - 1], len(tail), parent, tokens[(n - 1) * p : n * p])
+            hps = self.host.store_tail_at(hashes, n, req.all_ids)
             if hps is not None:
                 dev_tail = tuple(pg for pg in tail if pg is not None)
                 self.spills.append(SpillJob("swa", dev_tail, hps, (hashes[n - 1],)))

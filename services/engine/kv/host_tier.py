@@ -32,8 +32,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from services.common.block_hash import BlockHash
+from services.common.block_hash import ROOT_HASH, BlockHash
 from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.req_pages import swa_keep_start
@@ -183,11 +184,39 @@ class HostTier:
         self._stored("swa", key, parent, tokens)
         return pages
 
-    def _stored(self, kind: str, key: BlockHash, parent: BlockHash | None, tokens: Sequence[int]) -> None:
+    def store_full_at(self, hashes: Sequence[BlockHash], i: int, tokens: Sequence[int]) -> int | None:
+        """store_full for page i of a sequence (`hashes`: its pages' hashes, `tokens`: its ids)."""
+        p = self.page_size
+        return self.store_full(hashes[i], hashes[i - 1] if i else ROOT_HASH, tokens[i * p : (i + 1) * p])
+
+    def store_tail_at(
+        self, hashes: Sequence[BlockHash], end: int, tokens: Sequence[int]
+    ) -> tuple[int, ...] | None:
+        """store_tail for the tail of a sequence's first `end` pages (tail_pages(end) pages)."""
+        p = self.page_size
+        parent = hashes[end - 2] if end > 1 else ROOT_HASH
+        return self.store_tail(hashes[end - 1], self.tail_pages(end), parent, tokens[(end - 1) * p : end * p])
+
+    def install(
+        self, hashes: Sequence[BlockHash], start: int, end: int, tokens: Sequence[int]
+    ) -> tuple[list[int | None], tuple[int, ...] | None]:
+        """Claim host pages for pages [start, end) of a sequence and the tail at `end`, fetched from
+        a lower tier (L3). Each page is marked used as it lands, so the install never evicts its own
+        earlier pages. Returns each page's new host page (None: here already or no room) and the
+        tail's host pages (None: here already or no room); the caller copies the bytes in."""
+        full = []
+        for i in range(start, end):
+            full.append(self.store_full_at(hashes, i, tokens))
+            self.protect([hashes[i]])
+        return full, self.store_tail_at(hashes, end, tokens)
+
+    def _stored(
+        self, kind: Literal["full", "swa"], key: BlockHash, parent: BlockHash | None, tokens: Sequence[int]
+    ) -> None:
         if self.event_sink is not None and parent is not None and len(tokens) == self.page_size:
             self.event_sink(
-                BlockStored(kind="full" if kind == "full" else "swa", block_hashes=(key,),
-                            parent_hash=parent, token_ids=tuple(tokens), page_size=self.page_size)
+                BlockStored(kind=kind, block_hashes=(key,), parent_hash=parent, token_ids=tuple(tokens),
+                            page_size=self.page_size)
             )  # fmt: skip
 
     def _alloc(self, pool: PagePool, seg: _Segments, n: int) -> tuple[int, ...] | None:
