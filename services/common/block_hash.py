@@ -92,21 +92,20 @@ def hash_blocks(
     step = 4 * page_size
     out: list[BlockHash] = []
     h = parent
-    # one reused message per page without extra: parent | count | tokens | 0x00 (a single update)
+    # one reused message per page: parent | count | tokens | 0x00 (a single update without an extra)
     msg = bytearray(HASH_BYTES + 4 + step + 1)
     msg[HASH_BYTES : HASH_BYTES + 4] = count
     body = memoryview(msg)[HASH_BYTES + 4 : HASH_BYTES + 4 + step]
+    header = memoryview(msg)[:-1]  # parent | count | tokens, for a page with an extra
     for i in range(num_full):
         d = base.copy()
+        msg[:HASH_BYTES] = h.to_bytes(HASH_BYTES, "big")
+        body[:] = packed[i * step : (i + 1) * step]
         extra = extras[i] if extras is not None and i < len(extras) else None
         if extra is None:
-            msg[:HASH_BYTES] = h.to_bytes(HASH_BYTES, "big")
-            body[:] = packed[i * step : (i + 1) * step]
             d.update(msg)
         else:
-            d.update(h.to_bytes(HASH_BYTES, "big"))
-            d.update(count)
-            d.update(packed[i * step : (i + 1) * step])
+            d.update(header)
             d.update(b"\x01" + len(extra).to_bytes(4, "big"))
             d.update(extra)
         h = BlockHash(int.from_bytes(d.digest(), "big"))

@@ -23,7 +23,7 @@ import uvicorn
 from services.engine.model_store import find_known, models_dir
 from services.router.app import create_app
 from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
-from services.router.routing import IndexSource
+from services.router.routing import IndexSource, policy_reads_l2
 from services.router.settings import RouterSettings
 from services.router.workers import StaticWorkerPool, WorkerPool
 
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         policy=policy,
     )
     index = index_follower(args, policy)
-    l2_index = index_follower(args, policy, tier="l2") if index is not None else None
+    # the host tiers' index only where a scorer reads it (the cost policy)
+    l2_index = index_follower(args, policy, tier="l2") if index is not None and policy_reads_l2(policy) else None
     pool = worker_pool(args, args.model, index, l2_index)
     app = create_app(settings, pool, index=index, l2_index=l2_index)
     uvicorn.run(

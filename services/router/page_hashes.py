@@ -49,9 +49,9 @@ class PageHashes(Sequence[BlockHash]):
 
     def __getitem__(self, i: int | slice) -> BlockHash | list[BlockHash]:
         if isinstance(i, slice):
-            start, stop, _ = i.indices(self._count)
-            self._extend(max(start, stop))
-            return self._done[: self._count][i]
+            picked = range(*i.indices(self._count))
+            self._extend(max(picked, default=-1) + 1)
+            return [self._done[j] for j in picked]
         if i < 0:
             i += self._count
         if not 0 <= i < self._count:

@@ -123,6 +123,7 @@ class RoutingPipeline:
         self.model = model
         self.prefill_profile = Profile.build("prefill", config.prefill_spec(), config)
         self.decode_profile = Profile.build("decode", config.decode_spec(), config)
+        self._reads_l2 = self.prefill_profile.reads_l2  # else the L2 index is never matched
         self.index_errors = 0
         self._usable_last: bool | None = None
 
@@ -211,7 +212,7 @@ class RoutingPipeline:
 
     def index_usable(self) -> bool:
         src = self.index
-        usable = src is not None and _flag(src, "ready") and _flag(src, "redis_ok")
+        usable = src is not None and _usable(src)
         if src is not None and usable != self._usable_last:
             if usable:
                 log.warning("routing: prefix index usable; cache-aware routing on")
@@ -229,7 +230,7 @@ class RoutingPipeline:
             self.index_errors += 1
             log.exception("routing: prefix index match failed; routing this request by load")
             return {}
-        l2 = self._l2_matches(hashes)
+        l2 = self._l2_matches(hashes) if self._reads_l2 else {}
         hits = {
             w: PrefixHit(int(m.raw_blocks), int(m.safe_blocks), int(getattr(m, "l2_blocks", 0)))
             for w, m in raw.items()
@@ -242,7 +243,7 @@ class RoutingPipeline:
 
     def _l2_matches(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         src = self.l2_index
-        if src is None or not (_flag(src, "ready") and _flag(src, "redis_ok")):
+        if src is None or not _usable(src):
             return {}
         try:
             return {w: int(m.safe_blocks) for w, m in src.index.match(hashes).items()}
@@ -266,6 +267,15 @@ def _avoid(cands: Sequence[Candidate], exclude: Collection[str]) -> list[Candida
     if not exclude:
         return list(cands)
     return [c for c in cands if c.addr not in exclude] or list(cands)
+
+
+def policy_reads_l2(config: PolicyConfig) -> bool:
+    """Whether the prefill policy uses host-tier (L2) matches: only then is an L2 index followed."""
+    return Profile.build("prefill", config.prefill_spec(), config).reads_l2
+
+
+def _usable(src: object) -> bool:
+    return _flag(src, "ready") and _flag(src, "redis_ok")
 
 
 def _flag(obj: object, name: str) -> bool:

@@ -61,3 +61,10 @@ def test_the_index_reads_only_as_far_as_a_worker_matches() -> None:
 def test_count_beyond_the_full_pages_is_refused() -> None:
     with pytest.raises(ValueError):
         PageHashes(ids(10), PAGE, 3)
+
+
+@pytest.mark.parametrize("key", [slice(None, None, -1), slice(16, 0, -1), slice(3, 40, 5), slice(-5, None)])
+def test_slices_with_any_step_give_hash_blocks_slices(key: slice) -> None:
+    tokens = ids(17 * PAGE + 2, seed=9)
+    want = hash_blocks(tokens, PAGE)[:17]
+    assert PageHashes(tokens, PAGE, 17)[key] == want[key]

@@ -24,6 +24,7 @@ from services.router.routing import (
     RoutingDecision,
     RoutingPipeline,
     candidates_of,
+    policy_reads_l2,
     prompt_key,
 )
 from services.router.workers import StaticWorkerPool
@@ -422,3 +423,18 @@ def test_prepare_takes_a_list_or_an_array_and_keys_by_the_packed_prompt() -> Non
     )
     assert p.prepare(ids[:-1]).key != a.key and p.prepare(ids[:-1] + [ids[-1] + 1]).key != a.key
     assert p.prepare(ids, key=b"given").key == b"given"
+
+
+def test_only_a_policy_that_reads_l2_matches_the_l2_index(source: FakeIndexSource) -> None:
+    """The L2 index is matched (and followed, services/router/main.py) only for a scorer that reads
+    host-tier hits: the seed formula does not pay for a second match per request."""
+    l2 = FakeIndexSource(FakePrefixIndex(PAGE, PAGE))
+    calls = []
+    real_match = l2.index.match
+    l2.index.match = lambda hashes: calls.append(1) or real_match(hashes)  # type: ignore[method-assign]
+    ids = prompt(20 * PAGE + 3, seed=22)
+    RoutingPipeline(CFG, source, l2_index=l2).decide(ids, PREFILL, DECODE)
+    assert calls == []
+    RoutingPipeline(replace(CFG, prefill_policy="cost"), source, l2_index=l2).decide(ids, PREFILL, DECODE)
+    assert calls == [1]
+    assert not policy_reads_l2(CFG) and policy_reads_l2(replace(CFG, prefill_policy="cost"))

@@ -156,6 +156,7 @@ class Filter(Plugin):
 class Scorer(Plugin):
     kind = "scorer"
     registry: ClassVar[dict[str, type[Any]]] = {}
+    reads_l2: ClassVar[bool] = False  # reads PrefixHit.l2_blocks (the router then matches the L2 index)
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
         """One value per candidate, in [0, 1] unless the subclass documents another scale."""
@@ -199,6 +200,11 @@ class Profile:
             [Weighted(Scorer.make(s, config), w) for s, w in spec.scorers],
             Picker.make(spec.picker, config),
         )
+
+    @property
+    def reads_l2(self) -> bool:
+        """Whether a scorer with a weight reads the workers' host-tier (L2) matches."""
+        return any(ws.plugin.reads_l2 and ws.weight != 0.0 for ws in self.scorers)
 
     def rank(self, req: RouteRequest, cands: Sequence[Candidate]) -> Ranking:
         trace = Trace()

@@ -45,16 +45,27 @@ from collections.abc import Sequence
 from services.router.policy.base import Candidate, RouteRequest, Scorer
 
 
+def _match_fractions(req: RouteRequest, cands: Sequence[Candidate], raw_credit: float) -> list[float]:
+    """(window-safe blocks + raw_credit x full-KV-only blocks beyond them) / the prompt's blocks."""
+    n = req.query_blocks
+    if n == 0 or not req.index_usable:
+        return [0.0] * len(cands)
+    out = []
+    for c in cands:
+        hit = req.hit(c)
+        safe = min(hit.safe_blocks, n)
+        raw = min(max(hit.raw_blocks, safe), n)
+        out.append((safe + raw_credit * (raw - safe)) / n)
+    return out
+
+
 class PrefixMatchScorer(Scorer):
     """The window-safe fraction of the prompt's full pages cached on the worker (L1)."""
 
     name = "prefix_match"
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
-        n = req.query_blocks
-        if n == 0 or not req.index_usable:
-            return [0.0] * len(cands)
-        return [min(req.hit(c).safe_blocks, n) / n for c in cands]
+        return _match_fractions(req, cands, 0.0)
 
 
 class RawPrefixMatchScorer(Scorer):
@@ -63,17 +74,7 @@ class RawPrefixMatchScorer(Scorer):
     name = "prefix_match_raw"
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
-        n = req.query_blocks
-        if n == 0 or not req.index_usable:
-            return [0.0] * len(cands)
-        credit = self.config.raw_match_credit
-        out = []
-        for c in cands:
-            hit = req.hit(c)
-            safe = min(hit.safe_blocks, n)
-            raw = min(max(hit.raw_blocks, safe), n)
-            out.append((safe + credit * (raw - safe)) / n)
-        return out
+        return _match_fractions(req, cands, self.config.raw_match_credit)
 
 
 class LoadScorer(Scorer):
@@ -102,6 +103,7 @@ class CostScorer(Scorer):
     """min_ttft / ttft: the fastest predicted first token scores 1, one twice as slow 0.5."""
 
     name = "cost"
+    reads_l2 = True
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
         ttfts = [self.predict_ttft(req, c) for c in cands]
