@@ -45,6 +45,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.proc_cpu import cpu_seconds  # noqa: E402
 from services.common.redis_server import RedisServer  # noqa: E402
 from services.gcache.client import GCacheClient  # noqa: E402
 from services.gcache.keys import BlockKey  # noqa: E402
@@ -54,15 +55,6 @@ MiB = 1 << 20
 
 
 Op = tuple[Callable[[], object], Callable[[], None]]  # the timed call, and what runs after it
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) of this process, or of another one from /proc."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_interleaved(ops: dict[str, Op], reps: int, servers: dict[str, int]) -> tuple[dict[str, list[float]], dict[str, tuple[float, float]]]:  # fmt: skip
@@ -75,11 +67,11 @@ def run_interleaved(ops: dict[str, Op], reps: int, servers: dict[str, int]) -> t
     for rnd in range(reps + 1):
         for name, (fn, after) in ops.items():
             pid = servers.get(name)
-            c0, s0 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
+            c0, s0 = cpu_seconds(os.getpid()), cpu_seconds(pid) if pid else 0.0
             t0 = time.perf_counter()
             fn()
             dt = time.perf_counter() - t0
-            c1, s1 = cpu_seconds(), cpu_seconds(pid) if pid else 0.0
+            c1, s1 = cpu_seconds(os.getpid()), cpu_seconds(pid) if pid else 0.0
             after()  # frees happen here, outside the timed region
             if rnd:
                 times[name].append(dt)

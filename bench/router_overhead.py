@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.proc_cpu import cpu_seconds  # noqa: E402
 from services.common.block_hash import hash_blocks  # noqa: E402
 from services.common.prompt_wire import pack_ids  # noqa: E402
 from services.common.redis_server import RedisServer  # noqa: E402
@@ -242,13 +243,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def prefill_request(rid: str, prompt: list[int], decode_addr: str, packed: bool) -> Any:

@@ -61,6 +61,15 @@ class _Moved(Protocol):
 R = TypeVar("R", bound=_Moved)
 
 
+class _Conn(Protocol):
+    @property
+    def addr(self) -> str: ...
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Conn)
+
+
 @dataclass
 class ClientCounters:
     puts_stored: int = 0  # keys stored on at least one replica
@@ -302,29 +311,26 @@ class GCacheClient:
             f.result()
 
     def _conn(self, node: NodeInfo) -> NodeConn:
-        with self._conn_lock:
-            conn = self._conns.get(node.node_id)
-            if conn is None or conn.addr != node.addr:
-                if conn is not None:
-                    conn.close()
-                conn = self._conns[node.node_id] = NodeConn(node.addr, self.timeout)
-            return conn
+        return self._cached(self._conns, node.node_id, node.addr, NodeConn)
 
     def _data_conn(self, node: NodeInfo) -> DataConn:
+        return self._cached(self._data_conns, node.node_id, node.data_addr, DataConn)
+
+    def _cached(self, table: dict[str, C], node_id: str, addr: str, factory: Callable[[str, float], C]) -> C:
+        """The node's connection in `table`, made anew (the old one closed) if missing or its address changed."""
         with self._conn_lock:
-            conn = self._data_conns.get(node.node_id)
-            if conn is None or conn.addr != node.data_addr:
+            conn = table.get(node_id)
+            if conn is None or conn.addr != addr:
                 if conn is not None:
                     conn.close()
-                conn = self._data_conns[node.node_id] = DataConn(node.data_addr, self.timeout)
+                conn = table[node_id] = factory(addr, self.timeout)
             return conn
 
     def _nodes_changed(self, nodes: dict[str, NodeInfo]) -> None:
         with self._conn_lock:
-            for node_id in [n for n in self._conns if n not in nodes]:
-                self._conns.pop(node_id).close()
-            for node_id in [n for n in self._data_conns if n not in nodes]:
-                self._data_conns.pop(node_id).close()
+            for table in (self._conns, self._data_conns):
+                for node_id in [n for n in table if n not in nodes]:
+                    table.pop(node_id).close()
             self._no_shm &= set(nodes)
 
     def _shm_ok(self, node: NodeInfo) -> bool:
@@ -384,12 +390,10 @@ class GCacheClient:
         self.directory.close()
         self._pool.shutdown(wait=True)
         with self._conn_lock:
-            for conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
-            for dconn in self._data_conns.values():
-                dconn.close()
-            self._data_conns.clear()
+            for table in (self._conns, self._data_conns):
+                for conn in table.values():
+                    conn.close()
+                table.clear()
         if self.arena is not None:
             self.arena.close()
 

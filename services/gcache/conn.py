@@ -49,6 +49,13 @@ class NodeError(RuntimeError):
         return self.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def put_outcomes(addr: str, reply: gcache_pb2.PutReply, n: int) -> list[PutOutcome]:
+    """A put reply's statuses, one per item of the `n` sent; any other count is NodeError."""
+    if len(reply.statuses) != n:
+        raise NodeError(addr, None, f"{len(reply.statuses)} statuses for {n} items")
+    return [PutOutcome(PutCode(s.code), s.error) for s in reply.statuses]
+
+
 @dataclass(frozen=True)
 class PutResult:
     statuses: list[PutOutcome]  # one per item, in order
@@ -156,9 +163,7 @@ class NodeConn:
             reply: gcache_pb2.PutReply = self._put(frames(), timeout=self.timeout)
         except grpc.RpcError as e:
             raise self._fail(e) from e
-        if len(reply.statuses) != len(items):
-            raise NodeError(self.addr, None, f"{len(reply.statuses)} statuses for {len(items)} items")
-        statuses = [PutOutcome(PutCode(s.code), s.error) for s in reply.statuses]
+        statuses = put_outcomes(self.addr, reply, len(items))
         return PutResult(statuses, shm_bytes, sum(len(v) for _, v in items) - shm_bytes)
 
     # -- get -------------------------------------------------------------------------------------

@@ -19,9 +19,8 @@ from typing import TypeVar
 
 import grpc
 
-from services.gcache.conn import GetResult, NodeError, PutResult
+from services.gcache.conn import GetResult, NodeError, PutResult, put_outcomes
 from services.gcache.data_wire import configure, frame_head, read_head, recv_value, send_buffers, value_buffer
-from services.gcache.results import PutCode, PutOutcome
 from services.gcache.wire import Buffer, WireError
 from services.proto_gen import gcache_pb2
 
@@ -29,10 +28,6 @@ MAX_IDLE = 4  # kept connections per node
 STRIPES = 2  # connections one big put is spread over
 STRIPE_BYTES = 8 << 20  # a put is split only if every run gets at least this many bytes
 T = TypeVar("T")
-
-
-class _Stale(Exception):
-    """A kept connection failed before any reply byte: worth one retry on a new connection."""
 
 
 class DataConn:
@@ -85,10 +80,7 @@ class DataConn:
                 raise WireError("a put reply with data")
             return reply.put
 
-        reply = self._run(call)
-        if len(reply.statuses) != len(items):
-            raise NodeError(self.addr, None, f"{len(reply.statuses)} statuses for {len(items)} items")
-        statuses = [PutOutcome(PutCode(s.code), s.error) for s in reply.statuses]
+        statuses = put_outcomes(self.addr, self._run(call), len(items))
         return PutResult(statuses, shm_bytes=0, grpc_bytes=0, data_bytes=sum(sizes))
 
     def get(self, keys: Sequence[bytes]) -> GetResult:
@@ -120,7 +112,7 @@ class DataConn:
     def _reply(self, sock: socket.socket, op: str) -> tuple[gcache_pb2.DataReply, int]:
         head = read_head(sock, gcache_pb2.DataReply)
         if head is None:
-            raise _Stale()
+            raise ConnectionError("the node closed the connection")
         reply, data_len = head
         if reply.error:
             raise NodeError(self.addr, grpc.StatusCode.INVALID_ARGUMENT, f"data plane: {reply.error}")
@@ -136,7 +128,7 @@ class DataConn:
         try:
             try:
                 result = call(sock)
-            except (_Stale, ConnectionError):
+            except ConnectionError:
                 if not kept:
                     raise
                 sock.close()
@@ -151,10 +143,6 @@ class DataConn:
     def _error(self, e: Exception) -> Exception:
         if isinstance(e, NodeError):
             return e
-        if isinstance(e, _Stale):
-            return NodeError(
-                self.addr, grpc.StatusCode.UNAVAILABLE, "data plane: the node closed the connection"
-            )
         if isinstance(e, TimeoutError | BlockingIOError):  # BlockingIOError: SO_RCVTIMEO / SO_SNDTIMEO
             return NodeError(self.addr, grpc.StatusCode.DEADLINE_EXCEEDED, f"data plane: {e}")
         if isinstance(e, WireError):

@@ -22,13 +22,15 @@ from services.gcache.data_wire import (
     send_buffers,
     value_buffer,
 )
+from services.gcache.servicer import PutTally, found_items
 from services.gcache.store import BlockStore
 from services.gcache.wire import WireError
 from services.proto_gen import gcache_pb2
 
 log = logging.getLogger(__name__)
 
-SCRATCH_BYTES = 1 << 20  # what refused values are read into and dropped
+SCRATCH_BYTES = 1 << 20
+_SCRATCH = bytearray(SCRATCH_BYTES)  # what refused values are read into and dropped (shared: never read)
 IDLE_SECONDS = 300.0  # a connection silent this long (between frames or inside one) is closed
 
 
@@ -69,7 +71,6 @@ class DataPlaneServer:
             threading.Thread(target=self._serve, args=(conn, peer), name="gcache-data", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: object) -> None:
-        scratch = bytearray(SCRATCH_BYTES)
         try:
             while True:
                 head = read_head(conn, gcache_pb2.DataRequest)
@@ -79,7 +80,7 @@ class DataPlaneServer:
                 op = request.WhichOneof("op")
                 values: list[memoryview] = []
                 if op == "put":
-                    reply = self._put(conn, request.put, data_len, scratch)
+                    reply = self._put(conn, request.put, data_len)
                 elif op == "get" and data_len == 0:
                     reply, values = self._get(request.get)
                 else:
@@ -102,46 +103,35 @@ class DataPlaneServer:
                 self._conns.discard(conn)
             conn.close()
 
-    def _put(self, conn: socket.socket, put: gcache_pb2.DataPut, data_len: int,
-             scratch: bytearray) -> gcache_pb2.DataReply:  # fmt: skip
+    def _put(self, conn: socket.socket, put: gcache_pb2.DataPut, data_len: int) -> gcache_pb2.DataReply:
         """Read each value into its own buffer and store it; refused values are read and dropped."""
         sizes = [item.size for item in put.items]
         if any(n < 0 for n in sizes) or sum(sizes) != data_len:
             raise WireError(f"item sizes add up to {sum(sizes)}, the frame carries {data_len} data bytes")
         if any(item.WhichOneof("place") for item in put.items):
             raise WireError("a data plane item's value follows the header (no shm_offset, no value)")
-        statuses, received = [], 0
-        migrated_blocks = migrated_bytes = 0
+        statuses, tally = [], PutTally(put.migration)
         owed = data_len  # what the caller still sends in this frame
         for item in put.items:
             key = bytes(item.key)
             outcome = self.store.check_put(key, item.size)
             if outcome is not None:
-                discard(conn, item.size, scratch)
+                discard(conn, item.size, _SCRATCH)
+                statuses.append(tally.status(outcome, item.size, received=False))
             else:
                 value = value_buffer(item.size)
                 recv_value(conn, value, owed)
-                received += item.size
-                outcome = self.store.put(key, value)
-                if outcome.ok and put.migration:
-                    migrated_blocks += 1
-                    migrated_bytes += item.size
-            statuses.append(gcache_pb2.PutStatus(code=outcome.code.name, error=outcome.error))
+                statuses.append(tally.status(self.store.put(key, value), item.size, received=True))
             owed -= item.size
         with self._lock:
-            self.bytes_in += received
-        if migrated_blocks:
-            self.store.count_migration("received", migrated_blocks, migrated_bytes)
-        return gcache_pb2.DataReply(put=gcache_pb2.PutReply(statuses=statuses, bytes_received=received))
+            self.bytes_in += tally.received
+        return gcache_pb2.DataReply(put=tally.reply(self.store, statuses))
 
     def _get(self, get: gcache_pb2.DataGet) -> tuple[gcache_pb2.DataReply, list[memoryview]]:
         items, values = [], []
-        for i, key in enumerate(get.keys):
-            found = self.store.get(key)
-            if found is None:
-                continue
-            items.append(gcache_pb2.GetItem(index=i, size=len(found.value), tier=found.tier))
-            values.append(found.value)
+        for item, value in found_items(self.store, get.keys):
+            items.append(item)
+            values.append(value)
         with self._lock:
             self.bytes_out += sum(len(v) for v in values)
         return gcache_pb2.DataReply(get=gcache_pb2.GetItems(items=items)), values

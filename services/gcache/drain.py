@@ -5,8 +5,9 @@ For each block, hot ones first, the targets are its `replication` owners on `rin
 Blocks go in batches of about `batch_bytes`; each target is first asked which of its blocks it
 already holds (BatchExists), and only the rest are sent as a put with `migration=True`, which the
 receiver counts (over the target's data plane when it has one, data_conn.py; else BatchPut). A
-target that fails is skipped for the rest of the pass (its blocks are counted as failed): the
-drain never hangs the shutdown on a dead peer beyond one call's timeout.
+target that fails is skipped for the rest of the pass (its blocks are counted as failed), so a
+dead peer holds the shutdown up for one failed call only: a gRPC call waits up to `timeout`; on
+the data plane each stalled send or receive waits up to `timeout`, and the connect has its own.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
@@ -61,6 +61,44 @@ class _ItemReader:
         return memoryview(b"".join(self.parts))
 
 
+class PutTally:
+    """One put's counts, as both put paths (BatchPut, the data plane) keep them, and its statuses: bytes
+    received (values not refused up front) and blocks a migration stored."""
+
+    def __init__(self, migration: bool) -> None:
+        self.migration = migration
+        self.received = self.migrated_blocks = self.migrated_bytes = 0
+
+    def status(self, outcome: PutOutcome, size: int, received: bool) -> gcache_pb2.PutStatus:
+        """The item's status; `received`: its value was read, not refused up front."""
+        if received:
+            self.received += size
+        if outcome.ok and self.migration:
+            self.migrated_blocks += 1
+            self.migrated_bytes += size
+        return gcache_pb2.PutStatus(code=outcome.code.name, error=outcome.error)
+
+    def reply(self, store: BlockStore, statuses: list[gcache_pb2.PutStatus]) -> gcache_pb2.PutReply:
+        """The reply, the blocks a migration stored counted in the store."""
+        if self.migrated_blocks:
+            store.count_migration("received", self.migrated_blocks, self.migrated_bytes)
+        return gcache_pb2.PutReply(statuses=statuses, bytes_received=self.received)
+
+
+def found_items(
+    store: BlockStore, keys: Iterable[bytes], active: Callable[[], bool] = lambda: True
+) -> Iterator[tuple[gcache_pb2.GetItem, memoryview]]:
+    """(item, value) per key the store has, item.index its position in `keys`; stops once `active()`
+    is false (checked before each lookup)."""
+    for i, key in enumerate(keys):
+        if not active():
+            return
+        found = store.get(key)
+        if found is None:
+            continue
+        yield gcache_pb2.GetItem(index=i, size=len(found.value), tier=found.tier), found.value
+
+
 class GCacheService:
     def __init__(self, store: BlockStore, node_id: str, addr: str, arenas: ArenaMap | None = None,
                  draining: Callable[[], bool] = lambda: False,
@@ -97,16 +135,11 @@ class GCacheService:
         batch = head.batch
         statuses: list[gcache_pb2.PutStatus | None] = []
         pending: deque[tuple[int, _ItemReader]] = deque()  # declared, waiting for data frames
-        received = migrated_blocks = migrated_bytes = 0
+        tally = PutTally(batch.migration)
 
         def finish(pos: int, item: _ItemReader) -> None:
-            nonlocal received, migrated_blocks, migrated_bytes
             outcome = item.skip or self.store.put(item.key, item.value())
-            statuses[pos] = gcache_pb2.PutStatus(code=outcome.code.name, error=outcome.error)
-            received += item.size if item.skip is None else 0
-            if outcome.ok and batch.migration:
-                migrated_blocks += 1
-                migrated_bytes += item.size
+            statuses[pos] = tally.status(outcome, item.size, received=item.skip is None)
 
         for raw in frames:
             data = data_view(PUT_DATA_TAG, raw)
@@ -134,10 +167,8 @@ class GCacheService:
         if pending:
             pos, item = pending[0]
             raise WireError(f"stream ended with {len(pending)} value(s) incomplete, first {item.key.hex()}")
-        if migrated_blocks:
-            self.store.count_migration("received", migrated_blocks, migrated_bytes)
         done = [st for st in statuses if st is not None]  # all of them: nothing is pending
-        return gcache_pb2.PutReply(statuses=done, bytes_received=received)
+        return tally.reply(self.store, done)
 
     def _read_item(self, item: gcache_pb2.PutItem, arena: str) -> _ItemReader:
         """An item's reader, complete already unless its value follows as data frames."""
@@ -175,25 +206,19 @@ class GCacheService:
         """(item, bytes inside it, value to stream) per found key, the values copied into the region
         while they fit, small ones inside their item, the rest as data frames."""
         used = 0
-        for i, key in enumerate(request.keys):
-            if not context.is_active():
-                return
-            found = self.store.get(key)
-            if found is None:
-                continue
-            size = len(found.value)
-            item = gcache_pb2.GetItem(index=i, size=size, tier=found.tier)
+        for item, value in found_items(self.store, request.keys, context.is_active):
+            size = item.size
             if region is not None and used + size <= len(region):
-                region[used : used + size] = found.value
+                region[used : used + size] = value
                 item.shm_offset = request.shm.offset + used
                 used = align(used + size)
                 self.shm_bytes_out += size
                 yield item, 0, None
             elif size <= INLINE_BYTES:
-                item.value = bytes(found.value)
+                item.value = bytes(value)
                 yield item, size, None
             else:
-                yield item, 0, found.value
+                yield item, 0, value
 
     # -- unary -----------------------------------------------------------------------------------
     def batch_exists(
