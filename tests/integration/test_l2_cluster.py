@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.up_cluster import swaserve_up
+from tests.integration.up_cluster import swaserve_up, tiered_turns
 
 MODEL = "mimo-tiny"
 
@@ -32,21 +32,7 @@ def test_later_turns_come_back_from_host_memory_with_the_same_answer(clients) ->
     tiered, plain = clients
     rng = random.Random(4)
     convs = [[rng.randrange(100, 100_000) for _ in range(150 + 20 * i)] for i in range(4)]
-    l2_tokens = 0
-    for turn in range(2):
-        for conv in convs:
-            if turn:
-                conv += [rng.randrange(100, 100_000) for _ in range(30)]
-            kw = {"model": MODEL, "prompt": conv, "max_tokens": 4, "temperature": 0}
-            got = tiered.completions.create(**kw)
-            want = plain.completions.create(**kw)
-            assert got.choices[0].text == want.choices[0].text
-            details = got.usage.prompt_tokens_details
-            by_tier = (details.model_extra or {})["cached_tokens_by_tier"]
-            assert by_tier["l1"] + by_tier["l2"] + by_tier["l3"] == details.cached_tokens
-            if turn:
-                # 4 conversations of 150-240 tokens do not fit 512 device tokens: the previous
-                # turn's window-safe prefix came back, mostly from host memory
-                assert details.cached_tokens >= (len(conv) - 30 - 16) // 16 * 16 - 16, (len(conv), by_tier)
-                l2_tokens += by_tier["l2"]
+    # 4 conversations of 150-240 tokens do not fit 512 device tokens: the previous turn's
+    # window-safe prefix came back, mostly from host memory
+    l2_tokens = tiered_turns(tiered, plain, MODEL, convs, turns=2, new_tokens=30, rng=rng)["l2"]
     assert l2_tokens > 0

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.integration.up_cluster import swaserve_up
+from tests.integration.up_cluster import swaserve_up, tiered_turns
 
 MODEL = "mimo-tiny"
 
@@ -32,23 +32,7 @@ def test_later_turns_come_back_from_gcache_with_the_same_answer(clients) -> None
     tiered, plain = clients
     rng = random.Random(8)
     convs = [[rng.randrange(100, 100_000) for _ in range(160 + 16 * i)] for i in range(6)]
-    tiers = {"l1": 0, "l2": 0, "l3": 0}
-    for turn in range(3):
-        for conv in convs:
-            if turn:
-                conv += [rng.randrange(100, 100_000) for _ in range(24)]
-            kw = {"model": MODEL, "prompt": conv, "max_tokens": 4, "temperature": 0}
-            got = tiered.completions.create(**kw)
-            want = plain.completions.create(**kw)
-            assert got.choices[0].text == want.choices[0].text
-            details = got.usage.prompt_tokens_details
-            by_tier = (details.model_extra or {})["cached_tokens_by_tier"]
-            assert by_tier["l1"] + by_tier["l2"] + by_tier["l3"] == details.cached_tokens
-            for k in tiers:
-                tiers[k] += by_tier[k]
-            if turn:
-                # six conversations of 160-260 tokens fit neither two 512-token device pools nor
-                # two 256-token host tiers: the window-safe prefix of the previous turn came back
-                # from one of the three tiers, whichever worker the router chose
-                assert details.cached_tokens >= (len(conv) - 24 - 16) // 16 * 16 - 16, (len(conv), by_tier)
+    # six conversations of 160-260 tokens fit neither two 512-token device pools nor two 256-token
+    # host tiers: later turns' prefixes come back from one of the three tiers, whichever worker
+    tiers = tiered_turns(tiered, plain, MODEL, convs, turns=3, new_tokens=24, rng=rng)
     assert tiers["l3"] > 0, tiers

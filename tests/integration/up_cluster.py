@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,3 +47,28 @@ def swaserve_up(log: Path, *args: str, prefill_workers: int = 1, timeout: float 
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def tiered_turns(tiered: Any, plain: Any, model: str, convs: list[list[int]], turns: int, new_tokens: int,
+                 rng: random.Random) -> dict[str, int]:  # fmt: skip
+    """Send `turns` turns of each conversation (token ids; each later turn adds `new_tokens`) to a
+    tiered cluster and to a `plain` one without prefix cache (openai clients). Checks every answer
+    equals the plain one, the usage's tiers add up, and that from the second turn on the previous
+    turn's window-safe prefix (page 16) came back from some tier. Returns cached tokens by tier."""
+    tiers = {"l1": 0, "l2": 0, "l3": 0}
+    for turn in range(turns):
+        for conv in convs:
+            if turn:
+                conv += [rng.randrange(100, 100_000) for _ in range(new_tokens)]
+            kw = {"model": model, "prompt": conv, "max_tokens": 4, "temperature": 0}
+            got = tiered.completions.create(**kw)
+            want = plain.completions.create(**kw)
+            assert got.choices[0].text == want.choices[0].text
+            details = got.usage.prompt_tokens_details
+            by_tier = (details.model_extra or {})["cached_tokens_by_tier"]
+            assert by_tier["l1"] + by_tier["l2"] + by_tier["l3"] == details.cached_tokens
+            for k in tiers:
+                tiers[k] += by_tier[k]
+            if turn:
+                assert details.cached_tokens >= (len(conv) - new_tokens - 16) // 16 * 16 - 16, (len(conv), by_tier)
+    return tiers
