@@ -34,15 +34,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.replay.ideal import ideal_hit_tokens  # noqa: E402
+from bench.replay.plan import Scaling, TraceSlice, plan  # noqa: E402
 from bench.replay.prompts import Continuations, PromptBuilder  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
+from bench.sim.engine import NO_PARAMS  # noqa: E402
 from services.common.block_hash import BlockHash  # noqa: E402
 from services.engine.kv.host_tier import HostHit, HostTier  # noqa: E402
 from services.engine.kv.page_pool import PagePool  # noqa: E402
@@ -80,27 +81,6 @@ class AllSwaHostTier(HostTier):
             end -= 1
             full.pop()
         return HostHit(start, end, tuple(full), (), max(0, end - self.need)) if end > start else None
-
-
-@dataclass(frozen=True)
-class _Scaled:  # a trace request at the bench's scale, for bench.replay.ideal
-    input_length: int
-    hash_ids: tuple[int, ...]
-    block_size: int
-
-
-def build_prompts(reqs, block: int, scale: float) -> tuple[list[list[int]], list[int]]:  # type: ignore[no-untyped-def]
-    """Token prompts of the trace's requests at this scale, later turns continuing earlier prompts
-    (bench.replay.prompts.Continuations); also the continued length of each (0: none)."""
-    scaled = [_Scaled(max(1, round(r.input_length / scale)), tuple(r.hash_ids), block) for r in reqs]
-    plan = Continuations.plan(scaled)
-    builder = PromptBuilder(seed=0, continuations=plan)
-    return [builder.token_ids(r) for r in scaled], list(plan.continued)
-
-
-@dataclass
-class Params:  # what the scheduler reads of a request's sampling params: nothing but its presence
-    max_tokens: int = 1
 
 
 def _worker(device_tokens: int, host: HostTier | None) -> Scheduler:
@@ -146,7 +126,7 @@ def serve(
     cached = l2 = from_l3 = 0
     for i, ids in enumerate(requests):
         sched = workers[i % len(workers)]
-        req = Req(rid=f"r{i}", prompt_ids=ids, params=Params())  # type: ignore[arg-type]
+        req = Req(rid=f"r{i}", prompt_ids=ids, params=NO_PARAMS)
         if l3 is not None:
             _l3_lookup(sched, l3, req)
         sched.add(req)
@@ -173,7 +153,7 @@ def serve(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="300 requests (under a minute)")
+    p.add_argument("--quick", action="store_true", help="400 requests (under a minute)")
     p.add_argument("--trace", default=str(DEFAULT_TRACE))
     p.add_argument("--requests", type=int, default=2000, help="the first N requests of the trace")
     p.add_argument("--prompt-scale", type=float, default=1.0, help="divide lengths and block size by this")
@@ -188,20 +168,15 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.requests, args.prompt_scale, args.host_x, args.l3_x = 400, 4.0, [4.0], 32.0
-    trace = load_trace(args.trace)
-    reqs = trace.requests[: args.requests]
-    block = round(512 / args.prompt_scale)
-    prompts, continued = build_prompts(reqs, block, args.prompt_scale)
-    total = sum(len(x) for x in prompts)
-    ideal = (
-        sum(
-            ideal_hit_tokens(
-                [_Scaled(len(x), tuple(r.hash_ids), block) for r, x in zip(reqs, prompts, strict=True)],
-                continued,
-            )
-        )
-        / total
+    planned = plan(
+        load_trace(args.trace), TraceSlice(limit=args.requests), Scaling(prompt_scale=args.prompt_scale)
     )
+    cont = Continuations.plan(planned)  # later turns continue earlier prompts, as bench replay builds them
+    builder = PromptBuilder(seed=0, continuations=cont)
+    prompts = [builder.token_ids(r) for r in planned]
+    total = sum(len(x) for x in prompts)
+    ideal = sum(ideal_hit_tokens(planned, cont.continued)) / total
+    block = planned[0].block_size
     device = args.device_tokens or (max(len(x) for x in prompts) * 3 // 2 // PAGE + 1) * PAGE
     tail_bytes = WINDOW * SWA_BYTES
     share = tail_bytes / (tail_bytes + total / len(prompts) * FULL_BYTES)  # one tail per mean prompt
@@ -237,7 +212,7 @@ def main() -> None:
                 l3_size = size(l3_bytes, l3_tokens) if with_l3 else "-"
                 rows.append((name, size(host_bytes, tiers[0][1]), l3_size, cached / total, l2 / total,
                              from_l3 / total, time.perf_counter() - t))  # fmt: skip
-    print(f"\n## KV tiers: prefix hit rate, first {len(reqs)} requests of {Path(args.trace).name} "
+    print(f"\n## KV tiers: prefix hit rate, first {len(planned)} requests of {Path(args.trace).name} "
           f"(prompt scale {args.prompt_scale:g}: {total:,} tokens, block {block}), SIMULATED bookkeeping")  # fmt: skip
     print(f"{w} workers, round-robin; L1 {device:,} tokens ({device * FULL_BYTES / 2**30:.2f} GiB of full KV) per "
           f"worker in every mode; L2 per worker, L3 shared; window-safe tiers give {100 * share:.0f}% of their "

@@ -1,6 +1,6 @@
 """TTFT of a long prompt's next turn on the tiny MiMo model: recompute vs an L1, L2 (host) or L3 (GCache) hit.
 
-One engine per mode, same weights, same machine, one run. The prompt P (16k tokens; --quick 4k) was
+One engine per mode, same weights, same machine, one run. The prompt P (16k tokens; --quick 2k) was
 served before; the next turn is P + 32 new tokens, whose time to first token is measured:
 
   recompute   no prefix cache: all of P + 32 is computed

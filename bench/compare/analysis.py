@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.replay.figures import percentile
+from bench.replay.ideal import record, shared_prefix
 from bench.replay.plan import PlannedRequest
-from bench.replay.prompts import NO_CONTINUATIONS, Continuations, block_take
+from bench.replay.prompts import NO_CONTINUATIONS, Continuations
 
 Row = dict[str, Any]  # one request of a --detailed replay JSON
 Summary = dict[str, Any]  # one run, as bench.compare.run.summarize returns it
@@ -151,21 +152,15 @@ def lru_bound(
     for k, r in enumerate(planned):
         if not r.hash_ids:
             continue
-        hit = 0
-        for i, h in enumerate(r.hash_ids):
-            take = block_take(r, i)
-            shared = min(take, cache.get(h, 0))
-            hit += shared
-            if shared < take:
-                break
+        hit = shared_prefix(r, cache)
         if cont.continued and cont.continued[k]:  # its first new block inherits an earlier last block
-            i = next(i for i, h in enumerate(r.hash_ids) if h in cont.inherit)
+            i = cont.continued[k] // r.block_size  # continued = i * block + n, n < block
             if hit >= i * r.block_size and cont.inherit[r.hash_ids[i]][0] in cache:
                 hit = max(hit, cont.continued[k])
         hits += hit
         total += r.input_length
-        for i, h in enumerate(r.hash_ids):
-            cache[h] = max(cache.get(h, 0), block_take(r, i))
+        record(r, cache)
+        for h in r.hash_ids:
             cache.move_to_end(h)
         while len(cache) * r.block_size > capacity_tokens:
             cache.popitem(last=False)

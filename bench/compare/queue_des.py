@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bench.compare import analysis
 from bench.replay.plan import PlannedRequest, Scaling, TraceSlice, plan
+from bench.replay.prompts import block_take
 from bench.replay.traces import load_trace
 from bench.sim.cost_model import CostModel
 from bench.sim.engine import NO_PARAMS
@@ -42,10 +43,8 @@ def prompt_from_blocks(r: PlannedRequest) -> tuple[int, ...]:
     size), so equal ids give equal blocks and a partial last block is a prefix of the full one."""
     ids: list[int] = []
     for k, h in enumerate(r.hash_ids):
-        take = min(r.block_size, r.input_length - k * r.block_size)
-        ids += range(h * r.block_size, h * r.block_size + take)
-    ids += [0] * (r.input_length - len(ids))  # a trace row with fewer ids than its length: pad
-    return tuple(ids[: r.input_length])
+        ids += range(h * r.block_size, h * r.block_size + block_take(r, k))
+    return tuple(ids)
 
 
 def simulate(

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -54,17 +55,23 @@ def group_header(a: argparse.Namespace, runs: list[RunSpec]) -> str:
     return (
         f"{r.workload.trace_name} trace, {r.fleet.workers} prefill workers, rate scale "
         f"{', '.join(f'{x:g}' for x in rates)} ({offered} req/s offered), sim window "
-        f"{r.fleet.window}, {builder}; ideal hit rate {100 * ideal_hit_rate(planned, cont.continued or None):.1f}%, "
+        f"{r.fleet.window}, {builder}; ideal hit rate {100 * ideal_hit_rate(planned, cont.continued):.1f}%, "
         f"one LRU cache of the fleet's {cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%"
     )
 
 
-def _planned(a: argparse.Namespace, r: RunSpec) -> tuple[list[PlannedRequest], Continuations]:
-    """The run's requests (at prompt scale 1: hit rates do not depend on it) and their continuations."""
-    planned = plan(load_trace(r.workload.trace), TraceSlice(a.start, a.duration), Scaling())
-    return planned, Continuations.plan(
-        planned
-    ) if r.workload.prompt_blocks == "continue" else NO_CONTINUATIONS
+def _planned(a: argparse.Namespace, r: RunSpec) -> tuple[tuple[PlannedRequest, ...], Continuations]:
+    """The run's requests, at its prompt scale, and their continuations (planned once per slice)."""
+    w = r.workload
+    return _plan_slice(w.trace, a.start, a.duration, w.prompt_scale, w.prompt_blocks)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan_slice(
+    trace: Path, start: float, duration: float, prompt_scale: float, prompt_blocks: str
+) -> tuple[tuple[PlannedRequest, ...], Continuations]:
+    planned = tuple(plan(load_trace(trace), TraceSlice(start, duration), Scaling(prompt_scale=prompt_scale)))
+    return planned, Continuations.plan(planned) if prompt_blocks == "continue" else NO_CONTINUATIONS
 
 
 def add_hit_loss(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: dict[str, Any]) -> None:
@@ -78,7 +85,7 @@ def add_hit_loss(a: argparse.Namespace, sections: dict[str, list[RunSpec]], resu
         if trace not in blocks:
             blocks[trace] = {i: r.hash_ids for i, r in enumerate(load_trace(trace).requests)}
         rows = json.loads(Path(s["replay_json"]).read_text())["requests"]
-        block = Scaling(prompt_scale=a.prompt_scale).block_size(512)
+        block = Scaling(prompt_scale=run.workload.prompt_scale).block_size(512)  # as _planned's
         inherit = _planned(a, run)[1].inherit
         s["hit_loss"] = analysis.hit_loss(rows, blocks[trace], block, inherit)
 

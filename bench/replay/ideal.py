@@ -25,27 +25,38 @@ which worker holds the prefix, and by the last token it must compute for the fir
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 from bench.replay.prompts import BlockPrompt, block_take
 
 
+def shared_prefix(r: BlockPrompt, held: Mapping[int, int]) -> int:
+    """Tokens of `r`'s prompt shared, from its start, with blocks of which `held[h]` tokens are known
+    (hash id -> most tokens of its block held): the walk of the module doc, without continuations."""
+    hit = 0
+    for i, h in enumerate(r.hash_ids):
+        take = block_take(r, i)
+        shared = min(take, held.get(h, 0))
+        hit += shared
+        if shared < take:
+            break
+    return hit
+
+
+def record(r: BlockPrompt, held: MutableMapping[int, int]) -> None:
+    """Add `r`'s blocks to `held` (hash id -> most tokens of its block held)."""
+    for i, h in enumerate(r.hash_ids):
+        held[h] = max(held.get(h, 0), block_take(r, i))
+
+
 def ideal_hit_tokens(requests: Iterable[BlockPrompt], continued: Sequence[int] | None = None) -> list[int]:
     """Hit tokens of each request under an infinite cache, in the order given. `continued[k]`: the
-    length of the earlier prompt request k starts with by continuation (None: no continuations)."""
+    length of the earlier prompt request k starts with by continuation (None or empty: no continuations)."""
     sent: dict[int, int] = {}  # hash id -> most tokens of its block any earlier request held
     hits = []
     for k, r in enumerate(requests):
-        hit = 0
-        for i, h in enumerate(r.hash_ids):
-            take = block_take(r, i)
-            shared = min(take, sent.get(h, 0))
-            hit += shared
-            if shared < take:
-                break
-        hits.append(max(hit, continued[k] if continued else 0))
-        for i, h in enumerate(r.hash_ids):
-            sent[h] = max(sent.get(h, 0), block_take(r, i))
+        hits.append(max(shared_prefix(r, sent), continued[k] if continued else 0))
+        record(r, sent)
     return hits
 
 

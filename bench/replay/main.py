@@ -158,7 +158,6 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
     if not planned:
         raise ValueError("the slice of the trace holds no request (check --start / --duration)")
     cont = Continuations.plan(planned) if cfg.blocks == "continue" else NO_CONTINUATIONS
-    continued = cont.continued or None
     async with http_client(cfg.endpoint) as http:
         if not cfg.endpoint.model:
             cfg = replace(cfg, endpoint=replace(cfg.endpoint, model=await served_model(http)))
@@ -176,7 +175,7 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
                 http, cfg.endpoint, planned, PromptBuilder(cfg.vocab, cfg.seed, cont), cfg.concurrency, done
             )
     k = cfg.scaling.time_scale
-    figures = compute_figures(outcome.results, outcome.duration_s, ideal_hit_rate(planned, continued), k)
+    figures = compute_figures(outcome.results, outcome.duration_s, ideal_hit_rate(planned, cont.continued), k)
     setup = ReplaySetup(
         config=cfg,
         trace_format=trace.format,
@@ -188,7 +187,7 @@ async def run(cfg: ReplayConfig) -> tuple[str, dict[str, Any]]:
     )
     data = report_json(figures, setup)
     if cfg.detailed:
-        data["requests"] = request_rows(outcome.results, ideal_hit_tokens(planned, continued), k)
+        data["requests"] = request_rows(outcome.results, ideal_hit_tokens(planned, cont.continued), k)
     return format_report(figures, setup), data
 
 

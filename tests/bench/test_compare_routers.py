@@ -167,6 +167,20 @@ def test_lru_bound_counts_a_continued_prompt_while_its_blocks_are_cached() -> No
     assert analysis.lru_bound(reqs, 8, cont) == pytest.approx(0.0)
 
 
+def test_lru_bound_checks_a_third_turn_against_the_block_it_continues_not_an_earlier_one() -> None:
+    # turn 2 continues turn 1 (id 4 inherits 2 tokens of id 3), turn 3 continues turn 2 (id 6 inherits
+    # 3 tokens of id 5); turn 3 also holds id 4, an earlier turn's inherited block
+    reqs = [_req(0, (1, 2, 3), 10), _req(1, (1, 2, 4, 5), 15), _req(2, (1, 2, 4, 6, 7), 19)]
+    cont = Continuations.plan(reqs)
+    assert cont.continued == (0, 10, 15)
+    assert analysis.lru_bound(reqs, 1 << 30, cont) == pytest.approx(ideal_hit_rate(reqs, cont.continued))
+    assert analysis.lru_bound(reqs, 1 << 30, cont) == pytest.approx((10 + 15) / 44)
+    # room for 4 blocks: turn 2 evicts id 3, but id 5 (what turn 3 continues) is cached: turn 3 whole
+    assert analysis.lru_bound(reqs, 16, cont) == pytest.approx((10 + 15) / 44)
+    # room for 3 blocks: turn 2 evicts ids 3 and 1: turn 3 shares nothing from its start
+    assert analysis.lru_bound(reqs, 12, cont) == pytest.approx(10 / 44)
+
+
 def test_missed_hits_split_into_prefixes_in_flight_and_prefixes_already_cached() -> None:
     def row(i: int, length: int, start: float, ideal: int, cached: int) -> dict[str, object]:
         return {"index": i, "ok": True, "input_length": length, "started_s": start, "ttft_ms": 100.0,
