@@ -19,6 +19,7 @@ import pytest
 from services.common.netutil import free_port, port_open
 from swaserve.cli import build_parser
 from swaserve.up import _PDEATHSIG_SHIM, Child, Supervisor, build_children
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,15 +33,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_decode_ttls_reach_the_decode_workers_only(tmp_path):

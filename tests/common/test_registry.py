@@ -11,6 +11,7 @@ import pytest
 
 from services.common.redis_server import RedisNotInstalled, RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
+from tests.waiting import wait_for
 
 
 @pytest.fixture
@@ -21,15 +22,6 @@ def redis_server():
 
 def record(role: str = "prefill", port: int = 5000, model: str = "mimo-tiny") -> WorkerRecord:
     return WorkerRecord(role=role, addr=f"127.0.0.1:{port}", model=model, capacity_tokens=4096)
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_register_list_and_filters(redis_server):

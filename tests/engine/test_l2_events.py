@@ -5,7 +5,6 @@ evicted. Real redis-server, a real engine loop (tiny random MiMo), the real publ
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -17,18 +16,10 @@ from services.engine.engine_loop import EngineLoop
 from services.engine.sampling import SamplingParams
 from services.engine.worker_main import L2_TIER, attach_l2_events
 from tests.engine.tiny_models import mimo_dict, random_model
+from tests.waiting import wait_for as _wait
 
 PAGE = 4
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-
-
-def _wait(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture

@@ -9,15 +9,7 @@ import pytest
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.router.discovery import RedisWorkerPool
-
-
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.waiting import wait_for as _wait
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import array
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -29,6 +28,7 @@ from services.router.routing import (
 )
 from services.router.workers import StaticWorkerPool
 from tests.router.fake_index import FakeIndexSource, FakePrefixIndex
+from tests.waiting import wait_for as _wait
 
 PAGE, WINDOW = 16, 32
 CFG = PolicyConfig(page_size=PAGE, window=WINDOW)
@@ -223,15 +223,6 @@ def test_two_pipelines_decide_the_same_for_the_same_sequence(policy: str) -> Non
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as srv:
         yield srv
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _register(url: str, role: str, addr: str, load: dict[str, int], **labels: str) -> WorkerRegistry:

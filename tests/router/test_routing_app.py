@@ -5,8 +5,7 @@ another worker, two replicas agreeing, Redis restarted under load."""
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,6 +22,7 @@ from services.router.workers import StaticWorkerPool, WorkerPool
 from tests.router.conftest import MODEL, RouterServer, router_settings
 from tests.router.fake_index import FakeIndexSource, FakePrefixIndex
 from tests.router.fake_workers import FakeDecodeWorker, FakePrefillWorker, ToyModel
+from tests.waiting import wait_for as _wait
 
 PAGE = 16
 POLICY = PolicyConfig(page_size=PAGE, window=32)
@@ -135,15 +135,6 @@ def test_a_failing_worker_is_avoided_on_the_retry_and_a_dead_one_marked_down(
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as srv:
         yield srv
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _register(url: str, role: str, addr: str, load: dict[str, int]) -> WorkerRegistry:
