@@ -235,8 +235,9 @@ class Scheduler:
         dev: list[int] = []
         host: list[int] = []
         keys: list[BlockHash] = []
+        tokens = req.all_ids  # a new list on every read: once here, not once per page
         for i in range(n):
-            hp = self.host.store_full_at(hashes, i, req.all_ids)
+            hp = self.host.store_full_at(hashes, i, tokens)
             if hp is not None:
                 dev.append(full[i])
                 host.append(hp)
@@ -245,7 +246,7 @@ class Scheduler:
             self.spills.append(SpillJob("full", tuple(dev), tuple(host), tuple(keys)))
         tail = swa[swa_keep_start(length, p, self.cfg.window) // p : n]
         if tail and all(pg is not None for pg in tail):
-            hps = self.host.store_tail_at(hashes, n, req.all_ids)
+            hps = self.host.store_tail_at(hashes, n, tokens)
             if hps is not None:
                 dev_tail = tuple(pg for pg in tail if pg is not None)
                 self.spills.append(SpillJob("swa", dev_tail, hps, (hashes[n - 1],)))
