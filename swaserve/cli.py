@@ -1,10 +1,11 @@
-"""The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker."""
+"""The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker,
+and one service a process (router, prefill, decode, gcache: what a container runs)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from swaserve import __version__
 
@@ -85,6 +86,9 @@ def _add_passthrough(sub: argparse._SubParsersAction) -> None:
     replay.set_defaults(passthrough=_cmd_bench_replay)
     sim = sub.add_parser("sim-worker", add_help=False, help="run a simulated prefill/decode worker (--help)")
     sim.set_defaults(passthrough=_cmd_sim_worker)
+    for name, (module, what) in SERVICES.items():
+        svc = sub.add_parser(name, add_help=False, help=f"run {what} (python -m {module}; --help)")
+        svc.set_defaults(passthrough=_service_main(module))
 
 
 def _cmd_bench_replay(argv: list[str]) -> int:
@@ -97,6 +101,25 @@ def _cmd_sim_worker(argv: list[str]) -> int:
     from bench.sim.main import main as sim_main
 
     return sim_main(argv)
+
+
+# `swaserve <service> FLAGS`: one service in this process, its flags those of the module's parser
+SERVICES = {
+    "router": ("services.router.main", "the OpenAI router"),
+    "prefill": ("services.prefill.main", "a prefill worker"),
+    "decode": ("services.decode.main", "a decode worker"),
+    "gcache": ("services.gcache.main", "a GCache (L3 KV cache) node"),
+}
+
+
+def _service_main(module: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        code = importlib.import_module(module).main(argv)
+        return int(code or 0)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
