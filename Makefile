@@ -8,7 +8,7 @@ MODEL   ?= smollm2
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-all lint bench clean
+.PHONY: setup up test test-all lint bench clean k8s-setup
 
 PROTO_STAMP := services/proto_gen/.stamp
 
@@ -35,6 +35,10 @@ test-all: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy services swaserve bench/replay bench/sim bench/compare bench/compare_routers.py bench/word_tokens.py
+
+# a real Kubernetes control plane for tests/k8s (the fixture runs this too): binaries, etcd, client
+k8s-setup: setup
+	bash scripts/k8s_setup.sh
 
 bench: setup
 	$(PY) bench/engine.py --quick
