@@ -226,6 +226,8 @@ class Dispatcher:
         if reply.finish_reason and reply.finish_reason not in FINISH_REASONS:  # "abort", or unknown
             self.abort_later("decode", decode.addr, rid)
             _check_finish(reply.finish_reason, "prefill")
+        if self.metrics is not None:  # the attempt that answered: its prediction against the worker's count
+            self.metrics.observe_prediction(decision, reply.cached_tokens)
         first = TokenChunk([reply.first_token], [reply.first_logprob], reply.finish_reason or None)
         return Generation(
             self,

@@ -2,6 +2,9 @@
 
 Routing: decisions by reason, the chosen prefill worker's raw and window-safe match (fractions of
 the prompt) and their gap, the chosen workers' load, decision latency, retries, workers marked down.
+Accuracy (observe_prediction): per request, the window-safe cached tokens the decision predicted on
+its prefill worker against the cached tokens that worker reported (PrefillReply), counted once, for
+the attempt whose Prefill answered; and requests served per prefill worker.
 Read at scrape time from the pool and the index (`watch`): Redis errors and reachability, whether
 the prefix index is usable, workers and queue lengths per role (sums over the registry's records).
 """
@@ -23,6 +26,10 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 LOAD_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+# predicted - reported cached tokens: < 0 the router under-predicted (a missed hit at worst), > 0 it
+# over-predicted (a phantom hit at worst); errors are whole tokens, so le=-1 .. le=0 counts exact ones
+_ERR = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+ERROR_BUCKETS = (*(-x for x in reversed(_ERR)), -1, 0, *_ERR)
 
 
 class RouterMetrics:
@@ -62,6 +69,7 @@ class RouterMetrics:
         )
         self.completion_tokens = Counter("swaserve_router_completion_tokens", "Generated tokens", registry=r)
         self._routing_metrics(r)
+        self._accuracy_metrics(r)
 
     def _routing_metrics(self, r: CollectorRegistry) -> None:
         self.decisions = Counter(
@@ -119,6 +127,75 @@ class RouterMetrics:
             ["role"],
             registry=r,
         )
+
+    def _accuracy_metrics(self, r: CollectorRegistry) -> None:
+        self.prediction_error = Histogram(
+            "swaserve_router_predicted_cached_error_tokens",
+            "Per request: cached tokens the router predicted on its prefill worker (window-safe match) "
+            "minus the cached tokens the worker reported; > 0 over-predicted, < 0 under-predicted",
+            buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.prediction_error_fraction = Histogram(
+            "swaserve_router_predicted_cached_error_fraction",
+            "Per request: |predicted - reported cached tokens| as a fraction of the prompt",
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.predicted_cached = Counter(
+            "swaserve_router_predicted_cached_tokens",
+            "Cached tokens the router predicted on the prefill workers it chose (requests counted)",
+            registry=r,
+        )
+        self.reported_cached = Counter(
+            "swaserve_router_reported_cached_tokens",
+            "Cached tokens the chosen prefill workers reported (requests counted)",
+            registry=r,
+        )
+        self.prediction_abs_error = Counter(
+            "swaserve_router_predicted_cached_abs_error_tokens",
+            "|predicted - reported cached tokens|, summed over the requests counted",
+            registry=r,
+        )
+        self.prediction_prompt_tokens = Counter(
+            "swaserve_router_prediction_prompt_tokens",
+            "Prompt tokens of the requests counted in the prediction metrics (the denominator)",
+            registry=r,
+        )
+        self.phantom_hits = Counter(
+            "swaserve_router_phantom_hits",
+            "Requests the router predicted a hit for (> 0 cached tokens) that the worker reported 0 for",
+            registry=r,
+        )
+        self.missed_hits = Counter(
+            "swaserve_router_missed_hits",
+            "Requests the router predicted no hit for that the worker reported cached tokens for",
+            registry=r,
+        )
+        self.prefill_requests = Counter(
+            "swaserve_router_prefill_requests",
+            "Requests whose Prefill a worker answered, by the worker's id",
+            ["worker"],
+            registry=r,
+        )
+
+    def observe_prediction(self, d: RoutingDecision, reported_cached: int) -> None:
+        """The request's decision (`safe_match_tokens` on `d.prefill`, as it was made) against the
+        cached tokens its prefill worker reported; once per request (the attempt that answered)."""
+        predicted, prompt = d.safe_match_tokens, d.prompt_tokens
+        reported = max(0, min(reported_cached, prompt))
+        error = predicted - reported
+        self.prediction_error.observe(error)
+        self.prediction_error_fraction.observe(abs(error) / prompt if prompt else 0.0)
+        self.predicted_cached.inc(predicted)
+        self.reported_cached.inc(reported)
+        self.prediction_abs_error.inc(abs(error))
+        self.prediction_prompt_tokens.inc(prompt)
+        if predicted > 0 and reported == 0:
+            self.phantom_hits.inc()
+        elif predicted == 0 and reported > 0:
+            self.missed_hits.inc()
+        self.prefill_requests.labels(worker=d.prefill.worker_id).inc()
 
     def observe_decision(self, d: RoutingDecision, seconds: float) -> None:
         self.routing_seconds.observe(seconds)
