@@ -1,9 +1,11 @@
+import array
 import hashlib
 import os
 import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from services.common.block_hash import (
@@ -146,3 +148,29 @@ def test_stable_across_processes() -> None:
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hash_blocks_same_for_every_input_type_on_long_random_prompts(seed: int) -> None:
+    # hash_blocks packs all pages at once (numpy) and chains digests as bytes: check it against the
+    # page-by-page reference on long prompts, for each sequence type the services pass in
+    rng = random.Random(seed)
+    page = rng.choice([1, 16, 64])
+    tokens = [rng.choice([0, 2**32 - 1, rng.randrange(2**32)]) for _ in range(rng.randrange(3000, 9000))]
+    extras: list[bytes | None] | None = None
+    if seed % 2:  # a few pages with extras (b"" included: an empty extra is not no extra)
+        extras = [None] * (-(-len(tokens) // page))
+        for i in rng.sample(range(len(extras)), 5):
+            extras[i] = rng.choice([b"", rng.randbytes(16)])
+    h, want = 0, []
+    for i in range(len(tokens) // page):
+        h = reference_hash(h, tokens[i * page : (i + 1) * page], extras[i] if extras else None)
+        want.append(h)
+    for seq in (tokens, array.array("I", tokens), np.array(tokens, dtype=np.uint64), tuple(tokens)):
+        assert hash_blocks(seq, page, extras) == want
+
+
+@pytest.mark.parametrize("bad", [np.array([1, -1]), np.array([2**32]), np.array([1.0, 2.0]), [1, 2.0]])
+def test_bad_token_arrays_raise(bad: object) -> None:
+    with pytest.raises(ValueError):
+        hash_blocks(bad, 1)  # type: ignore[arg-type]
