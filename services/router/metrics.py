@@ -27,7 +27,8 @@ ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 LOAD_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 # predicted - reported cached tokens: < 0 the router under-predicted (a missed hit at worst), > 0 it
-# over-predicted (a phantom hit at worst); errors are whole tokens, so le=-1 .. le=0 counts exact ones
+# over-predicted (a phantom hit at worst); errors are whole tokens, so le=-1 .. le=0 counts exact ones.
+# A histogram with negative buckets exports no _sum: the signed total is predicted - reported counters.
 _ERR = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 ERROR_BUCKETS = (*(-x for x in reversed(_ERR)), -1, 0, *_ERR)
 
