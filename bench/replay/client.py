@@ -34,6 +34,12 @@ class Endpoint:
     timeout_s: float = 3600.0  # per request, whole stream
     api_key: str | None = None
     extra_body: tuple[tuple[str, Any], ...] = ()  # merged into every request body
+    replicas: tuple[str, ...] = ()  # more base URLs: the k-th request sent goes to bases[k % len(bases)]
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """Every base URL, in round-robin order (router replicas with no balancer in front)."""
+        return (self.target, *self.replicas)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -133,9 +139,15 @@ async def served_model(http: httpx.AsyncClient) -> str:
 
 
 async def send(
-    http: httpx.AsyncClient, ep: Endpoint, req: PlannedRequest, prompt: list[int] | str, t0: float
+    http: httpx.AsyncClient,
+    ep: Endpoint,
+    req: PlannedRequest,
+    prompt: list[int] | str,
+    t0: float,
+    base: str | None = None,
 ) -> RequestResult:
-    """Send one request now; `t0` is the replay's start on the perf_counter clock."""
+    """Send one request now; `t0` is the replay's start on the perf_counter clock. `base`: the base
+    URL to send to (one of `ep.bases`), else the client's own."""
     content = orjson.dumps(ep.body(req, prompt))
     start = time.perf_counter()
     stream = _Stream(start)
@@ -148,7 +160,8 @@ async def send(
     }
     try:
         async with asyncio.timeout(ep.timeout_s):
-            async with http.stream("POST", "/v1/completions", content=content, headers=ep.headers) as r:
+            url = f"{base}/v1/completions" if base else "/v1/completions"
+            async with http.stream("POST", url, content=content, headers=ep.headers) as r:
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
                     return RequestResult(ok=False, error=f"HTTP {r.status_code}: {_clip(text)}", **common)

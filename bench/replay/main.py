@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--concurrency", type=int, default=None, metavar="N", help="at most N requests in flight")
     e = p.add_argument_group("endpoint")
-    e.add_argument("--target", default="http://127.0.0.1:8000", help="base URL of the endpoint")
+    e.add_argument(
+        "--target",
+        default="http://127.0.0.1:8000",
+        help="base URL of the endpoint; several, comma-separated: requests go to them in turn "
+        "(round-robin, e.g. router replicas)",
+    )
     e.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     e.add_argument(
         "--prompt-mode",
@@ -123,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bases(spec: str) -> tuple[str, ...]:
+    bases = tuple(u.strip().rstrip("/") for u in spec.split(",") if u.strip())
+    if not bases:
+        raise ValueError("--target: no base URL")
+    return bases
+
+
 def config_from_args(a: argparse.Namespace) -> ReplayConfig:
     extra: dict[str, Any] = json.loads(a.extra_body) if a.extra_body else {}
     if not isinstance(extra, dict):
@@ -133,7 +145,8 @@ def config_from_args(a: argparse.Namespace) -> ReplayConfig:
         window=TraceSlice(a.start, a.duration, a.limit),
         scaling=Scaling(a.prompt_scale, a.max_output, a.rate_scale, a.time_scale),
         endpoint=Endpoint(
-            target=a.target.rstrip("/"),
+            target=_bases(a.target)[0],
+            replicas=_bases(a.target)[1:],
             model=a.model or "",
             prompt_mode=a.prompt_mode,
             ignore_eos=not a.no_ignore_eos,

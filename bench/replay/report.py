@@ -64,7 +64,7 @@ def setup_lines(s: ReplaySetup) -> list[str]:
             + ("turns continue earlier prompts" if c.blocks == "continue" else "blocks from hash ids only"),
         ),
         _row("ignore_eos", "sent" if c.endpoint.ignore_eos else "not sent"),
-        _row("Target", f"{c.endpoint.target} (model {c.endpoint.model})"),
+        _row("Target", f"{', '.join(c.endpoint.bases)} (model {c.endpoint.model})"),
     ]
 
 
@@ -147,6 +147,7 @@ def report_json(f: ReplayFigures, setup: ReplaySetup | None = None) -> dict[str,
             "prompt_blocks": c.blocks,
             "ignore_eos": c.endpoint.ignore_eos,
             "target": c.endpoint.target,
+            "replicas": list(c.endpoint.replicas),
             "model": c.endpoint.model,
         }
     out |= {

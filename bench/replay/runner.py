@@ -49,19 +49,21 @@ async def replay(
     slots = asyncio.Semaphore(concurrency) if concurrency else None
     t0 = time.perf_counter()
 
-    async def one(req: PlannedRequest) -> RequestResult:
+    bases = ep.bases
+
+    async def one(req: PlannedRequest, base: str | None) -> RequestResult:
         gate: AbstractAsyncContextManager[object] = slots if slots is not None else nullcontext()
         async with gate:
-            result = await send(http, ep, req, builder.prompt(req, ep.prompt_mode), t0)
+            result = await send(http, ep, req, builder.prompt(req, ep.prompt_mode), t0, base)
         if on_done is not None:
             on_done(result)
         return result
 
     tasks = []
-    for req in planned:
+    for k, req in enumerate(planned):  # several bases: round-robin in send order
         delay = t0 + req.send_at_s - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(req)))
+        tasks.append(asyncio.create_task(one(req, bases[k % len(bases)] if len(bases) > 1 else None)))
     results = await asyncio.gather(*tasks)
     return ReplayRun(tuple(results), time.perf_counter() - t0)
