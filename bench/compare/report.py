@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.compare import analysis
+from bench.compare import accuracy, analysis
 from bench.compare.run import RunSpec
 from bench.replay.ideal import ideal_hit_rate
 from bench.replay.plan import PlannedRequest, Scaling, TraceSlice, plan
@@ -110,6 +110,7 @@ def report(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: d
         summaries = [s for s in summaries if s.get("queue_policy") != "fcfs" or s["router"] != "swaserve"]
         for ours in OUR_PRESETS:  # each of our presets in the table against the same round-robin and sglang
             goals += analysis.group_goals(summaries, name[5:], ours)
+            goals += accuracy.goals(summaries, name[5:], ours)
     if "queue" in sections and (q := queue_split(results, sections["queue"])):
         results["queue"] = q
         qp = sections["queue"][0]
@@ -156,4 +157,4 @@ def _table(runs: dict[str, Any], specs: list[RunSpec], with_rate: bool = False) 
     for r in specs:
         label = r.policy.name + (f" ({r.fleet.queue_policy})" if r.fleet.queue_policy else "")
         rows.append(runs[r.key] | {"policy": label + (f" x{r.workload.rate_scale:g}" if with_rate else "")})
-    return analysis.format_table(rows)
+    return accuracy.with_columns(analysis.format_table(rows), rows)

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from bench.compare import accuracy
 from bench.compare.fleet import (
     Fleet,
     FleetSpec,
@@ -162,7 +163,9 @@ def execute(run: RunSpec, out_dir: Path, attempt: int = 0, timeout: float = 3600
             backlog = sampler.stop()
         r1, f1 = session_cpu_seconds(fleet.router_pids), session_cpu_seconds(fleet.fleet_pids)
         m1, h1 = machine_busy_seconds(), process_cpu_seconds()
-        decisions = _decisions(fleet.target) if run.policy.router == "swaserve" else {}
+        ours = run.policy.router == "swaserve"
+        decisions = _decisions(fleet.target) if ours else {}
+        predicted = accuracy.scrape([fleet.target]) if ours else None  # bench/compare/accuracy.py
     if code != 0 or not json_path.exists():
         tail = (rundir / "replay.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"replay of {run.key} failed (exit {code}):\n{tail}")
@@ -175,6 +178,7 @@ def execute(run: RunSpec, out_dir: Path, attempt: int = 0, timeout: float = 3600
         | backlog
         | {
             "decisions": decisions,
+            "accuracy": predicted,
             "replay_json": str(json_path),
             "pids": {"router": fleet.router_pids, "fleet": fleet.fleet_pids},  # all stopped by now
         }
