@@ -1,13 +1,16 @@
 """One fresh fleet per run: simulated workers, the router under test, and (for ours) a fresh Redis.
 
     with start_fleet(policy, FleetSpec(workers=8, time_scale=2), logdir) as fleet:
-        fleet.target, fleet.model, fleet.prompt_mode      # what the replay sends to
+        fleet.targets, fleet.model, fleet.prompt_mode     # what the replay sends to
         fleet.router_pids, fleet.fleet_pids               # session leaders, for CPU accounting
 
 Policies:
   swaserve routers  redis-server + `sim --role prefill` (N workers) + `sim --role decode` + our router
                     (`python -m services.router.main ... --prefill-policy P`); prompts as token ids
                     (our router tokenizes text with the model's real tokenizer, not the sims' words).
+                    `router_replicas` N > 1: N router processes on the one Redis, each on its own
+                    port; the replay sends to them in turn (round-robin by request, as a Service's
+                    balancer would spread connections), with no proxy hop in between.
   sglang / vllm     `sim --role both` (N workers, HTTP) + the router with `--worker-urls`; prompts
                     as text, one word per token (the sims' tokenizer), so lengths are exact.
 
@@ -79,11 +82,16 @@ class FleetSpec:
     heartbeat_ttl: float = 3.0
     window: int = 128  # the sims' cache window (MiMo-V2-Flash: 128); 0: every cached prefix reusable
     chunk_size: int | None = None  # the sims' prefill chunk (--chunk-size); None: theirs, 16384 (LMSYS)
+    router_replicas: int = 1  # ours only: router processes sharing the Redis, round-robin in front
+
+    def __post_init__(self) -> None:
+        if self.router_replicas < 1:
+            raise ValueError(f"router_replicas must be >= 1, got {self.router_replicas}")
 
 
 @dataclass
 class Fleet:
-    target: str
+    targets: list[str]  # base URLs of the router (replicas): the replay cycles over them
     model: str
     prompt_mode: str
     router_pids: list[int] = field(default_factory=list)
@@ -91,6 +99,11 @@ class Fleet:
     sim_logs: list[Path] = field(default_factory=list)
     worker_urls: list[str] = field(default_factory=list)  # role both: each worker's HTTP base
     redis_url: str = ""  # ours: the registry holding the prefill workers' loads
+
+    @property
+    def target(self) -> str:
+        """The first (or only) router's base URL."""
+        return self.targets[0]
 
     def backlogs(self) -> list[int]:
         """Prompt tokens queued or in prefill on each prefill worker, now (a diagnostic of balance)."""
@@ -168,6 +181,8 @@ def _text_router_ready(base: str) -> bool:  # ready once it routes a request (2 
 def start_fleet(policy: Policy, spec: FleetSpec, logdir: Path) -> Iterator[Fleet]:
     """A fresh fleet for one run; everything stopped on exit, errors included."""
     logdir.mkdir(parents=True, exist_ok=True)
+    if spec.router_replicas > 1 and policy.router != "swaserve":
+        raise ValueError(f"router replicas: only our router shares its state (not {policy.router})")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with ExitStack() as stack:
@@ -183,10 +198,16 @@ def start_fleet(policy: Policy, spec: FleetSpec, logdir: Path) -> Iterator[Fleet
             decode = stack.enter_context(
                 sim_workers("decode", spec.decode_workers, *decode_flags, log=logdir / "sim-decode.log")
             )
-            argv = router_argv(policy, port, [], redis.url, spec.window)
-            router = stack.enter_context(_process(argv, logdir / "router.log"))
-            _wait(lambda: _ours_ready(base, spec), router, logdir / "router.log", "our router")
-            fleet = Fleet(base, OUR_MODEL, policy.prompt_mode, [router.pid],
+            bases, routers = [], []
+            for i in range(spec.router_replicas):  # all started, then each waited for
+                p = port if i == 0 else free_port()
+                log = logdir / ("router.log" if i == 0 else f"router-{i}.log")
+                argv = router_argv(policy, p, [], redis.url, spec.window)
+                routers.append((stack.enter_context(_process(argv, log)), log))
+                bases.append(f"http://127.0.0.1:{p}")
+            for (router, log), b in zip(routers, bases, strict=True):
+                _wait(lambda b=b: _ours_ready(b, spec), router, log, f"our router at {b}")
+            fleet = Fleet(bases, OUR_MODEL, policy.prompt_mode, [r.pid for r, _ in routers],
                           [prefill.proc.pid, decode.proc.pid, redis.proc.pid],
                           [prefill.log, decode.log], redis_url=redis.url)  # fmt: skip
         else:
@@ -197,8 +218,8 @@ def start_fleet(policy: Policy, spec: FleetSpec, logdir: Path) -> Iterator[Fleet
             router = stack.enter_context(_process(argv, logdir / f"{policy.router}-router.log"))
             _wait(lambda: _text_router_ready(base), router, logdir / f"{policy.router}-router.log",
                   f"{policy.router}-router")  # fmt: skip
-            fleet = Fleet(base, TEXT_MODEL, policy.prompt_mode, [router.pid], [sims.proc.pid], [sims.log],
-                          worker_urls=sims.workers)  # fmt: skip
+            fleet = Fleet([base], TEXT_MODEL, policy.prompt_mode, [router.pid], [sims.proc.pid],
+                          [sims.log], worker_urls=sims.workers)  # fmt: skip
         yield fleet
 
 

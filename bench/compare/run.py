@@ -56,7 +56,7 @@ class Workload:
                 "--start", f"{self.start_s:g}", "--duration", f"{self.duration_s:g}",
                 "--prompt-scale", f"{self.prompt_scale:g}", "--max-output", str(self.max_output),
                 "--rate-scale", f"{self.rate_scale:g}", "--time-scale", f"{self.time_scale:g}",
-                "--target", fleet.target, "--model", fleet.model, "--prompt-mode", fleet.prompt_mode,
+                "--target", ",".join(fleet.targets), "--model", fleet.model, "--prompt-mode", fleet.prompt_mode,
                 "--seed", str(self.seed), "--prompt-blocks", self.prompt_blocks,
                 "--json", str(json_path), "--detailed", "--no-progress"]  # fmt: skip
         return argv + (["--limit", str(self.limit)] if self.limit else [])
@@ -74,7 +74,8 @@ class RunSpec:
         qp = f"-{f.queue_policy}" if f.queue_policy else ""
         pb = "" if w.prompt_blocks == "continue" else f"-{w.prompt_blocks}"
         ch = f"-chunk{f.chunk_size}" if f.chunk_size else ""
-        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}{ch}-{self.policy.name}{qp}"
+        rep = f"-r{f.router_replicas}" if f.router_replicas > 1 else ""
+        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}{ch}-{self.policy.name}{qp}{rep}"
 
 
 def _replay(argv: list[str], log: Path, timeout: float) -> tuple[int, float, float]:
@@ -137,11 +138,15 @@ def backlog_figures(samples: list[list[int]]) -> dict[str, Any]:
     }
 
 
-def _decisions(base: str) -> dict[str, float]:
-    """Our router's decisions by reason (cache_hit, load_over_cache, cache_miss, ...)."""
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-    found = re.findall(r'^swaserve_router_decisions_total\{reason="(\w+)"\} ([0-9.e+]+)$', text, re.M)
-    return {k: float(v) for k, v in found}
+def _decisions(bases: list[str]) -> dict[str, float]:
+    """Our router's decisions by reason (cache_hit, load_over_cache, cache_miss, ...), over its replicas."""
+    out: dict[str, float] = {}
+    for base in bases:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        found = re.findall(r'^swaserve_router_decisions_total\{reason="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+        for k, v in found:
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
 
 
 def execute(run: RunSpec, out_dir: Path, attempt: int = 0, timeout: float = 3600.0) -> dict[str, Any]:
@@ -164,8 +169,8 @@ def execute(run: RunSpec, out_dir: Path, attempt: int = 0, timeout: float = 3600
         r1, f1 = session_cpu_seconds(fleet.router_pids), session_cpu_seconds(fleet.fleet_pids)
         m1, h1 = machine_busy_seconds(), process_cpu_seconds()
         ours = run.policy.router == "swaserve"
-        decisions = _decisions(fleet.target) if ours else {}
-        predicted = accuracy.scrape([fleet.target]) if ours else None  # bench/compare/accuracy.py
+        decisions = _decisions(fleet.targets) if ours else {}
+        predicted = accuracy.scrape(fleet.targets) if ours else None  # bench/compare/accuracy.py
     if code != 0 or not json_path.exists():
         tail = (rundir / "replay.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"replay of {run.key} failed (exit {code}):\n{tail}")
@@ -198,6 +203,7 @@ def summarize(
         "router": run.policy.router,
         "trace": run.workload.trace_name,
         "workers": run.fleet.workers,
+        "router_replicas": run.fleet.router_replicas,
         "queue_policy": run.fleet.queue_policy
         or ("uncached-first" if run.policy.router == "swaserve" else "fcfs"),
         "workload": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run.workload).items()},
