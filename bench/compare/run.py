@@ -75,7 +75,9 @@ class RunSpec:
         pb = "" if w.prompt_blocks == "continue" else f"-{w.prompt_blocks}"
         ch = f"-chunk{f.chunk_size}" if f.chunk_size else ""
         rep = f"-r{f.router_replicas}" if f.router_replicas > 1 else ""
-        return f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}{ch}-{self.policy.name}{qp}{rep}"
+        return (
+            f"{w.trace_name}-w{f.workers}-x{w.rate_scale:g}-win{f.window}{pb}{ch}-{self.policy.name}{qp}{rep}"
+        )
 
 
 def _replay(argv: list[str], log: Path, timeout: float) -> tuple[int, float, float]:
