@@ -107,7 +107,8 @@ def report(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: d
         if not name.startswith("main"):
             continue
         summaries = [runs[r.key] for r in group]
-        summaries = [s for s in summaries if s.get("queue_policy") != "fcfs" or s["router"] != "swaserve"]
+        main_q = getattr(a, "queue_policy", "uncached-first")  # ours in the table: the others are beside
+        summaries = [s for s in summaries if s.get("router") != "swaserve" or s.get("queue_policy") == main_q]
         for ours in OUR_PRESETS:  # each of our presets in the table against the same round-robin and sglang
             goals += analysis.group_goals(summaries, name[5:], ours)
             goals += accuracy.goals(summaries, name[5:], ours)
@@ -131,17 +132,19 @@ def report(a: argparse.Namespace, sections: dict[str, list[RunSpec]], results: d
             lines.append(
                 f"| long input, short uncached (mostly cached) | | {k} | {c['p90_ms']:,.0f} ({c['count']}) | |"
             )
+    if "replicas" in sections:
+        goals += analysis.replica_goals([runs[r.key] for r in sections["replicas"]], "router replicas")
     results["goals"] = [vars(g) | {"met": g.met, "margin": g.margin} for g in goals]
     lines += ["", "## Goals", "", *(g.line() for g in goals)]
     if results.get("plots"):
         lines += ["", "Plots: " + ", ".join(results["plots"])]
-    for name in ("sweep", "hybrid"):
+    for name in ("sweep", "hybrid", "replicas"):
         if name in sections:
-            title = (
-                "Rate sweep"
-                if name == "sweep"
-                else "Hybrid SWA cache (sim window 128), as the engine is built"
-            )
+            title = {
+                "sweep": "Rate sweep",
+                "hybrid": "Hybrid SWA cache (sim window 128), as the engine is built",
+                "replicas": "Router replicas on one Redis (round-robin in front)",
+            }[name]
             lines += ["", f"## {title}: {group_header(a, sections[name])}", ""]
             lines.append(_table(runs, sections[name], with_rate=name == "sweep"))
     for name, group in sections.items():
@@ -155,6 +158,8 @@ def _table(runs: dict[str, Any], specs: list[RunSpec], with_rate: bool = False) 
     """The markdown table of `specs`' runs; policies labelled with the queue policy (and rate)."""
     rows = []
     for r in specs:
-        label = r.policy.name + (f" ({r.fleet.queue_policy})" if r.fleet.queue_policy else "")
+        queue = r.fleet.queue_policy or ("uncached-first" if r.policy.router == "swaserve" else None)
+        label = r.policy.name + (f" ({queue})" if queue else "")
+        label += f" x{r.fleet.router_replicas} routers" if r.fleet.router_replicas > 1 else ""
         rows.append(runs[r.key] | {"policy": label + (f" x{r.workload.rate_scale:g}" if with_rate else "")})
     return accuracy.with_columns(analysis.format_table(rows), rows)
