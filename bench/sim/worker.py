@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class SimWorker:
             else:
                 await self._start_http()
         self.worker_id = f"{cfg.role}-{socket.gethostname()}-{os.getpid()}-{self.port}"
+        self.start_id = secrets.token_hex(8)  # the incarnation: registry record and KV events' epoch
         if cfg.redis_url:
             self._attach(await asyncio.to_thread(self._register))
         return self
@@ -160,7 +162,7 @@ class SimWorker:
         capacity = cfg.engine.max_total_tokens // cfg.engine.page_size * cfg.engine.page_size
         record = WorkerRecord(
             role=cfg.role, addr=self.addr, model=cfg.model, capacity_tokens=capacity,
-            worker_id=self.worker_id, labels=self._labels(),
+            worker_id=self.worker_id, labels=self._labels(), start_id=self.start_id,
         )  # fmt: skip
         registry.register(record, load_fn=self._load)
         return registry
@@ -178,7 +180,7 @@ class SimWorker:
         if cfg.role == "prefill" and cfg.kv_events:
             publisher = KVEventPublisher(
                 cfg.redis_url, self.worker_id, cfg.engine.page_size, cfg.engine.window,
-                snapshot_fn=lambda: cache_block_hashes(engine),
+                snapshot_fn=lambda: cache_block_hashes(engine), epoch=self.start_id,
             )  # fmt: skip
             self._kv_events = publisher
             engine.on_change.append(lambda e: publisher.publish_buffer(e.events))

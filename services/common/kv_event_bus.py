@@ -87,6 +87,7 @@ class KVEventPublisher:
         max_pending: int = 200_000,
         stream_maxlen: int = 100_000,
         client: redis.Redis | None = None,
+        epoch: str = "",
     ) -> None:
         if "|" in tier or not tier or not worker_id:
             raise ValueError(f"bad source: tier={tier!r} worker={worker_id!r}")
@@ -100,7 +101,7 @@ class KVEventPublisher:
         self.max_pending = max_pending
         self.stream_maxlen = stream_maxlen
         self.redis = client or make_client(redis_url)
-        self.epoch = secrets.token_hex(8)
+        self.epoch = epoch or secrets.token_hex(8)  # the worker's start_id (fencing), else random
         # stats (read by metrics / tests)
         self.redis_ok = True
         self.redis_errors = 0

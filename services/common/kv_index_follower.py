@@ -1,6 +1,16 @@
 """The router side of the KV-event bus: a PrefixIndex rebuilt from Redis and kept current by the stream.
 
 See docs/kv-events.md for the design and the consistency argument; kv_event_wire.py for the keys.
+
+Besides the workers' events the follower reads the routers' pending entries (routing-time
+residency: pending_wire.py) from their own stream, in the same XREAD, and applies them to the
+index; a (re)load rebuilds them from that stream's last `max TTL` of entries.
+
+Fencing: `fence(worker_id, start_id)` tells the follower a worker's current incarnation (its
+registry record's start_id, which is also its publisher's epoch). State of any other epoch is
+dropped at once and never loaded again: entries of an earlier process arriving late, its keys
+still in Redis, pending entries routed to it. A restarted worker is credited with nothing until
+its new process publishes.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from services.common.kv_event_wire import (
     make_client,
     member_hashes,
 )
+from services.common.pending_wire import PendingMessage
 from services.common.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -49,9 +60,12 @@ class KVIndexFollower:
         block_ms: int = 500,
         sweep_s: float = 2.0,
         client: redis.Redis | None = None,
+        pending_max_ttl_s: float = 60.0,
     ) -> None:
         self.page_size, self.window, self.tier = page_size, window, tier
         self.keys = KVKeys(prefix)
+        self.pending_key = f"{self.keys.prefix}:pending"  # services/router/residency.py writes it
+        self.pending_max_ttl_ms = int(pending_max_ttl_s * 1000)
         self.block_ms = block_ms
         self.sweep_s = sweep_s
         self.redis = client or make_client(redis_url, socket_timeout=block_ms / 1000 + 2.0)
@@ -65,6 +79,10 @@ class KVIndexFollower:
         self.full_loads = 0
         self._known: dict[str, tuple[str, int]] = {}  # worker -> (epoch, seq) the index holds
         self._last_id = "0-0"
+        self._last_pending_id = "0-0"
+        self._fence: dict[str, str] = {}  # worker -> its current incarnation (registry start_id)
+        self.fenced = 0  # workers whose state of an earlier incarnation was dropped
+        self.pending_applied = 0
         self._lag = 0.0
         self._down_since = 0.0
         self._lock = threading.Lock()  # _known and the index's per-worker state vs forget_worker
@@ -97,6 +115,33 @@ class KVIndexFollower:
         with self._lock:
             self.index.remove_worker(worker_id)
             self._known.pop(worker_id, None)
+            self._fence.pop(worker_id, None)
+
+    def fence(self, worker_id: str, incarnation: str) -> bool:
+        """The worker's current incarnation is `incarnation` (its registry record's start_id): drop
+        whatever the index holds of another one. True if something was dropped. Cheap when
+        nothing changed (called for every record the router sees)."""
+        if not incarnation or self._fence.get(worker_id) == incarnation:
+            return False
+        with self._lock:
+            self._fence[worker_id] = incarnation
+            known = self._known.get(worker_id)
+            stale = known is not None and known[0] != incarnation
+            stale_pending = any(
+                e.incarnation and e.incarnation != incarnation for e in self.index.pending_of(worker_id)
+            )
+            if not stale and not stale_pending:
+                return False
+            self.index.remove_worker(worker_id)
+            self._known.pop(worker_id, None)
+            self.fenced += 1
+        log.info("kv index: %s restarted (start id %s); its earlier state is dropped", worker_id, incarnation)
+        return True
+
+    def _fenced_out(self, worker_id: str, epoch: str) -> bool:
+        """Whether `epoch` is of an incarnation other than the worker's current one (lock held)."""
+        current = self._fence.get(worker_id)
+        return current is not None and epoch != current
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Wait until the index has applied every entry in the stream now (False on timeout/error)."""
@@ -157,11 +202,20 @@ class KVIndexFollower:
         self._down_since = 0.0
 
     def _follow(self) -> None:
-        res: Any = self.redis.xread({self.keys.stream: self._last_id}, count=512, block=self.block_ms)
+        streams = {self.keys.stream: self._last_id, self.pending_key: self._last_pending_id}
+        res: Any = self.redis.xread(streams, count=512, block=self.block_ms)  # type: ignore[arg-type]
         if not res:
             self._lag = 0.0
             return
-        entries = res[0][1]
+        entries: list[Any] = []
+        for key, got in res:
+            if key.decode() == self.pending_key:
+                self._apply_pending(got)
+            else:
+                entries = got
+        if not entries:
+            self._lag = 0.0
+            return
         for entry_id, fields in entries:
             try:
                 entry = StreamEntry.from_fields(fields)
@@ -174,9 +228,36 @@ class KVIndexFollower:
         caught_up = len(entries) < 512
         self._lag = 0.0 if caught_up else max(0.0, time.time() - id_tuple(self._last_id)[0] / 1000)
 
+    def _apply_pending(self, entries: list[Any]) -> None:
+        for entry_id, fields in entries:
+            self._last_pending_id = entry_id.decode()
+            try:
+                msg = PendingMessage.from_fields(fields)
+            except (KeyError, ValueError) as e:
+                log.warning("kv index: skipping malformed pending entry %s: %s", entry_id, e)
+                continue
+            if msg.kind == "unpend":
+                self.index.drop_pending(msg.pid)
+                continue
+            with self._lock:
+                if msg.incarnation and self._fenced_out(msg.worker, msg.incarnation):
+                    continue  # routed to a process that is gone
+                if self.index.add_pending(msg.entry(id_tuple(entry_id)[0])):
+                    self.pending_applied += 1
+
+    def _load_pending(self) -> None:
+        """Rebuild the pending entries from the stream's last `pending_max_ttl` (a (re)load)."""
+        now_ms = _redis_ms(self.redis.time())
+        got: Any = self.redis.xrange(self.pending_key, min=str(max(0, now_ms - self.pending_max_ttl_ms)))
+        self.index.clear_pending()
+        self._last_pending_id = got[-1][0].decode() if got else f"{max(0, now_ms - 1)}-0"
+        self._apply_pending(got)
+
     def _handle(self, e: StreamEntry) -> None:
         w = e.worker
         with self._lock:
+            if self._fenced_out(w, e.epoch):
+                return  # an earlier process of this worker, writing late: never credited again
             known = self._known.get(w)
             if e.kind == "left":
                 self.index.remove_worker(w)
@@ -214,7 +295,7 @@ class KVIndexFollower:
 
     def _install(self, w: str, meta: dict[bytes, bytes], full: set[bytes], swa: set[bytes]) -> None:
         """Make the index hold the snapshot of source w (lock held)."""
-        if not meta:
+        if not meta or self._fenced_out(w, meta[b"e"].decode()):
             self.index.remove_worker(w)
             self._known.pop(w, None)
             return
@@ -250,6 +331,7 @@ class KVIndexFollower:
                 self.index.remove_worker(w)
                 self._known.pop(w, None)
         self._last_id = last_id
+        self._load_pending()
         self.full_loads += 1
         for w in workers:
             if w not in self._known:
@@ -272,6 +354,12 @@ class KVIndexFollower:
         """Take w out of the sources set if (checked atomically) its meta is gone."""
         meta_key = self.keys.of(self.tier, w)[2]
         self._prune(keys=[meta_key, self.keys.sources], args=[self.keys.source(self.tier, w)])
+
+
+def _redis_ms(t: Any) -> int:
+    """Redis TIME (seconds, microseconds) in milliseconds."""
+    sec, usec = t
+    return int(sec) * 1000 + int(usec) // 1000
 
 
 __all__ = ["KVIndexFollower"]

@@ -12,6 +12,11 @@ tokens, i.e. pages [L - need, L) with need = ceil(window / page_size) (clamped a
     swa'       #    #    .    .    #    .    #        safe = 2: the hole at 5 rules out 6; 5 needs 4, 3
                                                      (hole at 3); 3 needs 2 (hole); 2 needs 1, 0: safe
 
+Routing-time residency (services/common/pending_residency.py): pending entries, what a worker is
+about to hold, sit in a second, reference-counted mask layer that `match` ORs into the real one;
+a worker's own events replace them, their deadline expires them, and `clear` / `remove_worker`
+drop them with the worker's blocks.
+
 Layout for speed: every worker gets a bit; each block hash maps to an int bitmask of the workers
 holding it (one dict per KV kind). `match` walks the query's blocks once, AND-ing a mask of the
 workers still matching (dropping out records a worker's raw end), then backs off groups of workers
@@ -22,11 +27,13 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
 from services.common.block_hash import BlockHash
+from services.common.pending_residency import PendingEntry, PendingLayer
 
 if TYPE_CHECKING:  # the event types live with the engine's cache; no runtime import (router side)
     from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
@@ -59,6 +66,8 @@ class PrefixIndex:
         self._ids: dict[int, str] = {}  # bit -> worker
         self._free_bits: list[int] = []
         self._all = 0  # mask of every known worker
+        self.pending = PendingLayer()  # routing-time residency (read under the lock)
+        self.clock = time.time  # the pending deadlines' clock (tests may set another)
 
     # ---- updates -------------------------------------------------------------------------------
 
@@ -76,6 +85,7 @@ class PrefixIndex:
     def store(self, worker_id: str, kind: KVKind, hashes: Iterable[BlockHash]) -> None:
         with self._lock:
             self._store(worker_id, kind, hashes)
+            self._replace_pending(worker_id)
 
     def remove(self, worker_id: str, kind: KVKind, hashes: Iterable[BlockHash]) -> None:
         with self._lock:
@@ -90,9 +100,10 @@ class PrefixIndex:
     def load_worker(self, worker_id: str, full: Iterable[BlockHash], swa: Iterable[BlockHash]) -> None:
         """Replace the worker's whole state (a snapshot), atomically for readers."""
         with self._lock:
-            self._clear(worker_id)
+            self._clear(worker_id, keep_pending=True)
             self._store(worker_id, "full", full)
             self._store(worker_id, "swa", swa)
+            self._replace_pending(worker_id)
 
     def remove_worker(self, worker_id: str) -> None:
         with self._lock:
@@ -103,6 +114,37 @@ class PrefixIndex:
                 self._blocks.pop(worker_id, None)
                 self._all &= ~(1 << bit)
                 heapq.heappush(self._free_bits, bit)
+
+    # ---- routing-time residency (pending_residency.py) ------------------------------------------
+
+    def add_pending(self, entry: PendingEntry) -> bool:
+        """Count `entry` as the worker's until replaced, expired or dropped. False if it is here
+        already (by pid), past its deadline, or already true of the worker's real state."""
+        with self._lock:
+            if entry.pid in self.pending or entry.deadline <= self.clock():
+                return False
+            bit = self._bit_of(entry.worker)
+            own = self._blocks[entry.worker]
+            if entry.full[-1] in own["full"] and all(h in own["swa"] for h in entry.swa):
+                return False  # the events came first: nothing to announce
+            return self.pending.add(entry, bit)
+
+    def drop_pending(self, pid: str) -> bool:
+        """The routed request failed or was aborted: its worker will not cache the prompt."""
+        with self._lock:
+            gone = self.pending.drop(pid) is not None
+            self.pending.dropped += gone
+            return gone
+
+    def pending_of(self, worker_id: str) -> list[PendingEntry]:
+        with self._lock:
+            bit = self._bit.get(worker_id)
+            return [] if bit is None else self.pending.of_bit(bit)
+
+    def clear_pending(self) -> None:
+        """Forget every pending entry (a follower rebuilding them from the stream)."""
+        with self._lock:
+            self.pending = PendingLayer()
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -134,6 +176,8 @@ class PrefixIndex:
 
         Answers for every worker in `workers` (unknown ones: no match), or every known worker."""
         with self._lock:
+            if len(self.pending):
+                self.pending.expire(self.clock())
             if workers is None:
                 wanted = list(self._bit)
                 cand = self._all
@@ -171,16 +215,24 @@ class PrefixIndex:
                 own.add(h)
                 masks[h] = masks.get(h, 0) | flag
 
+    def _replace_pending(self, worker_id: str) -> None:
+        bit = self._bit.get(worker_id)
+        if bit is not None and len(self.pending):
+            own = self._blocks[worker_id]
+            self.pending.replace_satisfied(bit, own["full"], own["swa"])
+
     def _remove(self, worker_id: str, kind: KVKind, hashes: Iterable[BlockHash]) -> None:
         bit = self._bit.get(worker_id)
         if bit is None:
             return
         self._drop(bit, self._blocks[worker_id][kind], self._masks[kind], hashes)
 
-    def _clear(self, worker_id: str) -> None:
+    def _clear(self, worker_id: str, keep_pending: bool = False) -> None:
         bit = self._bit.get(worker_id)
         if bit is None:
             return
+        if not keep_pending:
+            self.pending.drop_bit(bit)
         for kind, own in self._blocks[worker_id].items():
             self._drop(bit, own, self._masks[kind], list(own))
 
@@ -202,12 +254,13 @@ class PrefixIndex:
         """(raw end, mask of the workers whose full-KV match ends there), ascending ends."""
         groups: list[tuple[int, int]] = []
         full = self._masks["full"]
+        pend = self.pending.masks["full"]
         alive = cand
         i = 0
         for h in hashes:
             if not alive:
                 break
-            still = alive & full.get(h, 0)
+            still = alive & (full.get(h, 0) | pend.get(h, 0) if pend else full.get(h, 0))
             if still != alive:
                 groups.append((i, alive & ~still))
                 alive = still
@@ -224,6 +277,7 @@ class PrefixIndex:
         A worker missing SWA at page j cannot end anywhere in (j, j + need]; its next candidate end
         is j. Ends only decrease, so a max-heap of pending ends visits each end once."""
         swa = self._masks["swa"]
+        pend = self.pending.masks["swa"]
         need = self.need_pages
         pending: dict[int, int] = {}
         for end, mask in raw_groups:
@@ -237,7 +291,8 @@ class PrefixIndex:
             j = end - 1
             lo = max(0, end - need)
             while j >= lo and group:
-                missing = group & ~swa.get(hashes[j], 0)
+                h = hashes[j]
+                missing = group & ~(swa.get(h, 0) | pend.get(h, 0) if pend else swa.get(h, 0))
                 if missing:
                     group &= ~missing
                     if j in pending:

@@ -56,6 +56,7 @@ class WorkerRecord:
     started_at: float = 0.0  # wall clock (time.time())
     updated_at: float = 0.0  # wall clock of the last heartbeat
     ttl: float = 0.0  # the record's TTL in Redis: it is live until updated_at + ttl unless it left
+    start_id: str = ""  # the process's incarnation: new at every start, also its KV events' epoch
     labels: dict[str, str] = field(default_factory=dict)  # e.g. length bucket, kv transports
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -45,6 +46,11 @@ def add_engine_args(p: argparse.ArgumentParser, queue_policy: str) -> None:
     p.add_argument("--redis-url", default="", help="Redis for discovery; empty: do not register")
     p.add_argument("--metrics-port", type=int, default=0, help="serve /metrics here (0: off)")
     p.add_argument("--heartbeat-ttl", type=float, default=6.0, help="registry TTL, seconds")
+    p.add_argument(
+        "--worker-id", default=os.environ.get("SWASERVE_WORKER_ID", ""),
+        help="the worker's id in the registry and the prefix index (default: <role>-<host>-<pid>-<port>); "
+        "a restart under the same id is told apart by its start id",
+    )  # fmt: skip
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV capacity of the full pool, tokens")
     p.add_argument("--chunk-size", type=int, default=512)
@@ -128,7 +134,9 @@ def attach_kv_events(loop: EngineLoop, redis_url: str, worker_id: str, **kw: Any
 L2_TIER = "l2"
 
 
-def attach_l2_events(loop: EngineLoop, redis_url: str, worker_id: str) -> KVEventPublisher | None:
+def attach_l2_events(
+    loop: EngineLoop, redis_url: str, worker_id: str, epoch: str = ""
+) -> KVEventPublisher | None:
     """Publish the host tier's events (tier "l2") after every loop step, if the engine has one.
     Its index uses a one-page window: an "swa" entry at page L - 1 is a tail, so L is restorable
     (services/engine/kv/host_tier.py)."""
@@ -137,7 +145,9 @@ def attach_l2_events(loop: EngineLoop, redis_url: str, worker_id: str) -> KVEven
     if host is None or events is None:
         return None
     page = engine.cfg.page_size
-    publisher = KVEventPublisher(redis_url, worker_id, page, page, tier=L2_TIER, snapshot_fn=host.snapshot)
+    publisher = KVEventPublisher(
+        redis_url, worker_id, page, page, tier=L2_TIER, snapshot_fn=host.snapshot, epoch=epoch
+    )
     chain_after_step(loop, lambda e: publisher.publish_buffer(events))
     return publisher
 
@@ -204,16 +214,17 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
             model=args.model,
             capacity_tokens=engine.full_pool.num_pages * engine.cfg.page_size,
             metrics_addr=metrics_addr,
-            worker_id=f"{role}-{socket.gethostname()}-{os.getpid()}-{port}",
+            worker_id=args.worker_id or f"{role}-{socket.gethostname()}-{os.getpid()}-{port}",
             labels={"model_dir": model_dir.name, **built.labels},
+            start_id=secrets.token_hex(8),  # this process's incarnation (fencing: docs/kv-events.md)
         )
         registry.register(record, load_fn=built.load)
         reg = registry
         chain_after_step(loop, lambda e: reg.notify())  # fresh loads for the routers (registry.py)
     kv_events = l2_events = None
     if registry is not None and built.kv_events:  # keyed like the registry: on_leave forgets by it
-        kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id)
-        l2_events = attach_l2_events(loop, args.redis_url, worker_id=record.worker_id)
+        kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id, epoch=record.start_id)
+        l2_events = attach_l2_events(loop, args.redis_url, worker_id=record.worker_id, epoch=record.start_id)
     print(
         f"swaserve {role} worker ready on {addr} (model {args.model}"
         + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")

@@ -77,15 +77,17 @@ def create_app(
     l2_index: IndexSource | None = None,
     routing: RoutingPipeline | None = None,
     metrics: RouterMetrics | None = None,
+    residency: Any = None,
 ) -> FastAPI:
     """`index`: the prefix index follower (None: load-only routing); `l2_index`: the follower of
-    the workers' host tiers (tier "l2"); `routing` overrides the pipeline built from them."""
+    the workers' host tiers (tier "l2"); `routing` overrides the pipeline built from them;
+    `residency`: records each decision as the worker's pending cache (services/router/residency.py)."""
     tok = RouterTokenizer(settings.model_dir)
     metrics = metrics or RouterMetrics()
     routing = routing or RoutingPipeline(settings.policy, index, l2_index=l2_index)
     metrics.watch(worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors)
     clients = WorkerClients()
-    dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics)
+    dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics, residency=residency)
     core = CompletionCore(dispatcher, tok, tok.info.eos_token_ids, metrics)
     state = RouterState(settings, worker_pool, tok, core, metrics, int(time.time()))
 
@@ -94,6 +96,8 @@ def create_app(
         yield
         await dispatcher.drain()
         await clients.close()
+        if residency is not None:
+            residency.close()
 
     app = FastAPI(title="swaserve router", lifespan=lifespan)
     app.state.router = state

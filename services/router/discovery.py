@@ -17,7 +17,9 @@ sees an empty cluster in between. A worker that crashed is gone at the same time
 written after the mark (it proved alive again) or the record goes away.
 
 `on_leave(worker_id)` is called (on the refresh thread) for each worker whose record left the
-registry, e.g. so that the prefix index forgets its blocks.
+registry, e.g. so that the prefix index forgets its blocks. `on_record(record)` is called for every
+record taken (refresh and load channel), e.g. so that the prefix index fences a restarted worker
+by its `start_id` (services/common/kv_index_follower.py) within one heartbeat.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class RedisWorkerPool:
         refresh_s: float = 0.5,
         registry: WorkerRegistry | None = None,
         on_leave: Callable[[str], None] | None = None,
+        on_record: Callable[[WorkerRecord], None] | None = None,
     ) -> None:
         self.registry = registry or WorkerRegistry(redis_url)
         self.on_leave = on_leave
+        self.on_record = on_record
         self.model = model
         self.refresh_s = refresh_s
         self._records: list[WorkerRecord] = []
@@ -121,8 +125,18 @@ class RedisWorkerPool:
             self._down = {a: t for a, t in self._down.items() if a in live and live[a] <= t}
             self.version += 1
         self.last_refresh = time.monotonic()
+        self._tell_records(records)
         if self.on_leave is not None:
             self._tell_left(self.on_leave, sorted(left))
+
+    def _tell_records(self, records: list[WorkerRecord]) -> None:
+        if self.on_record is None:
+            return
+        for rec in records:
+            try:
+                self.on_record(rec)
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop discovery
+                log.exception("discovery: on_record(%s) failed", rec.worker_id)
 
     @staticmethod
     def _tell_left(listener: Callable[[str], None], worker_ids: list[str]) -> None:
@@ -145,8 +159,11 @@ class RedisWorkerPool:
                     self._records = [*self._records[:i], rec, *self._records[i + 1 :]]
                     self.version += 1
                     self.load_updates += 1
-                    return True
-        return False
+                    break
+            else:
+                return False
+        self._tell_records([rec])
+        return True
 
     def forget(self, worker_id: str) -> None:
         """The worker announced it left: drop it now (and never keep it as 'missing')."""

@@ -118,8 +118,11 @@ class Dispatcher:
         routing: RoutingPipeline,
         clients: WorkerClients,
         metrics: RouterMetrics | None = None,
+        *,
+        residency: Any = None,
     ) -> None:
         self.settings = settings
+        self.residency = residency  # services/router/residency.RoutedResidency, or None
         self.pool = pool
         self.candidates = CandidateSource(pool)
         self.routing = routing
@@ -182,6 +185,7 @@ class Dispatcher:
         )
         spent = time.perf_counter() - t0
         reserve = None
+        routed: RoutingDecision | None = None
         if decodes:  # else route() raises the error: no decode (or no prefill) worker
             first = self._reserve_call(rid, decodes[0], n, sampling.max_tokens)
             reserve = asyncio.ensure_future(self._reserve(rid, decodes, n, sampling.max_tokens, first))
@@ -191,12 +195,15 @@ class Dispatcher:
             await asyncio.sleep(0)
             if prompt.hashed is None:
                 prompt.hashed = self.routing.prepare(prompt.ids, prompt.key)
-            decision = self.route(prompt.hashed, sampling, failed, decodes, spent)
+            decision = routed = self.route(prompt.hashed, sampling, failed, decodes, spent)
+            if self.residency is not None and decision.reason not in ("index_unavailable", "no_index"):
+                self.residency.record(rid, decision, prompt.hashed)  # siblings and replicas see it now
             if reserve is None:
                 raise NoWorkerAvailable("no decode worker is available")  # unreachable: route() raised
             decode = await reserve
         except BaseException:
             self._release_reserve(reserve, rid)
+            self._unroute(rid, routed)
             raise
         prefill = decision.prefill
         request = worker_pb2.PrefillRequest(
@@ -213,6 +220,7 @@ class Dispatcher:
             )
         except BaseException as e:
             self.abort_later("decode", decode.addr, rid)
+            self._unroute(rid, decision)
             if isinstance(e, grpc.aio.AioRpcError):
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     # a dead prefill worker is marked down; a live one that answers UNAVAILABLE
@@ -225,6 +233,7 @@ class Dispatcher:
             raise
         if reply.finish_reason and reply.finish_reason not in FINISH_REASONS:  # "abort", or unknown
             self.abort_later("decode", decode.addr, rid)
+            self._unroute(rid, decision)
             _check_finish(reply.finish_reason, "prefill")
         if self.metrics is not None:  # the attempt that answered: its prediction against the worker's count
             self.metrics.observe_prediction(decision, reply.cached_tokens)
@@ -240,6 +249,11 @@ class Dispatcher:
             reply.cached_tokens_l2,
             reply.cached_tokens_l3,
         )
+
+    def _unroute(self, rid: str, decision: RoutingDecision | None) -> None:
+        """The attempt will not leave its prompt cached where it was routed: withdraw the pending entry."""
+        if self.residency is not None and decision is not None:
+            self.residency.drop(rid, decision.prefill.worker_id)
 
     def _release_reserve(self, reserve: asyncio.Future[Candidate] | None, rid: str) -> None:
         """The attempt failed before its Prefill: give back whatever its Reserve gets. The Reserve

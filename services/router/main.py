@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from services.common.registry import WorkerRecord
 from services.engine.model_store import find_known, models_dir
 from services.router.app import create_app
 from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
@@ -112,7 +113,9 @@ def index_follower(args: argparse.Namespace, policy: PolicyConfig, tier: str = "
         return None
     try:
         window = policy.window if tier == "l1" else policy.page_size
-        follower: Any = follower_cls(args.redis_url, policy.page_size, window, tier=tier)
+        follower: Any = follower_cls(
+            args.redis_url, policy.page_size, window, tier=tier, pending_max_ttl_s=policy.pending_ttl_max_s
+        )
         follower.start()
     except Exception as e:
         if args.prefix_index == "on":
@@ -121,6 +124,16 @@ def index_follower(args: argparse.Namespace, policy: PolicyConfig, tier: str = "
         return None
     source: IndexSource = follower
     return source
+
+
+def routed_residency(args: argparse.Namespace, policy: PolicyConfig, index: IndexSource | None) -> Any:
+    """Routing-time residency (services/router/residency.py) on the L1 index, unless turned off."""
+    prefix_index = getattr(index, "index", None)
+    if not policy.pending or prefix_index is None or not hasattr(prefix_index, "add_pending"):
+        return None
+    from services.router.residency import RoutedResidency
+
+    return RoutedResidency(policy, prefix_index, args.redis_url)
 
 
 def worker_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | None) -> WorkerPool:
@@ -133,12 +146,22 @@ def worker_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | No
                 "--redis-url: Redis discovery is not available in this build; use --prefill/--decode"
             ) from None
         forgets = [f for f in (getattr(i, "forget_worker", None) for i in indexes) if f is not None]
+        fences = [f for f in (getattr(i, "fence", None) for i in indexes) if f is not None]
 
         def forget(worker_id: str) -> None:
             for f in forgets:
                 f(worker_id)
 
-        pool: WorkerPool = RedisWorkerPool(args.redis_url, model=model, on_leave=forget if forgets else None)
+        def fence(rec: WorkerRecord) -> None:  # a restarted worker's old blocks stop counting
+            for f in fences:
+                f(rec.worker_id, rec.start_id)
+
+        pool: WorkerPool = RedisWorkerPool(
+            args.redis_url,
+            model=model,
+            on_leave=forget if forgets else None,
+            on_record=fence if fences else None,
+        )
         return pool
     return StaticWorkerPool(_split(args.prefill), _split(args.decode))
 
@@ -168,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     # the host tiers' index only where a scorer reads it (the cost policy)
     l2_index = index_follower(args, policy, tier="l2") if index is not None and policy_reads_l2(policy) else None
     pool = worker_pool(args, args.model, index, l2_index)
-    app = create_app(settings, pool, index=index, l2_index=l2_index)
+    residency = routed_residency(args, policy, index)
+    app = create_app(settings, pool, index=index, l2_index=l2_index, residency=residency)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
         loop="uvloop", http="httptools",  # libuv loop and the C HTTP parser: ~1/3 less overhead a request

@@ -308,6 +308,7 @@ def candidate_from_record(r: WorkerRecord, healthy: bool = True) -> Candidate:
         tokens_per_s=tps,
         has_load=True,
         healthy=healthy,
+        incarnation=r.start_id,
     )
 
 

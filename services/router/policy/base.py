@@ -45,6 +45,7 @@ class Candidate:
     tokens_per_s: float = 0.0  # labels["prefill_tokens_per_s"]; 0 = the config's
     has_load: bool = False
     healthy: bool = True
+    incarnation: str = ""  # the registry record's start_id: fences residency of an earlier process
 
     @property
     def running_tokens(self) -> int:

@@ -138,6 +138,10 @@ class PolicyConfig:
     window: int = 128  # SWA window of the model (0: no SWA layers); the index's window-safe match
     prefill_profile: ProfileSpec | None = None
     decode_profile: ProfileSpec | None = None
+    pending: bool = True  # routing-time residency: a decision counts as the worker's cache at once
+    pending_ttl_base_s: float = 2.0  # a pending entry lives base + factor x its expected prefill time
+    pending_ttl_factor: float = 2.0
+    pending_ttl_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.page_size <= 0 or self.window < 0:
@@ -146,6 +150,8 @@ class PolicyConfig:
             raise ValueError("prefill_tokens_per_s must be > 0 and prefill_overhead_s >= 0")
         if self.match_weight < 0 or self.load_floor_tokens < 0 or self.affinity_match_weight < 0:
             raise ValueError("match_weight, affinity_match_weight and load_floor_tokens must be >= 0")
+        if not 0 < self.pending_ttl_base_s <= self.pending_ttl_max_s or self.pending_ttl_factor < 0:
+            raise ValueError("pending TTL: base > 0, factor >= 0, max >= base")
         if not 0.0 <= self.raw_match_credit <= 1.0:
             raise ValueError("raw_match_credit must be in [0, 1]")
         if self.prefill_profile is None and self.prefill_policy not in PREFILL_PRESETS:
@@ -237,6 +243,11 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
         type=parse_buckets,
         help="prefill pools by prompt length: short:64K,medium:256K,long:1M",
     )
+    g.add_argument(
+        "--pending", action=argparse.BooleanOptionalAction, default=None,
+        help="routing-time residency: a routed prompt counts as its worker's cache until events replace it (on)",
+    )  # fmt: skip
+    g.add_argument("--pending-ttl-max", type=float, help="seconds a pending entry lives at most (60)")
     g.add_argument("--page-size", type=int, help="KV page size of the workers (16)")
     g.add_argument("--kv-window", type=int, help="SWA window (default: the model's config, 0 if none)")
 
@@ -252,6 +263,8 @@ _FLAG_FIELDS = {
     "length_buckets": "buckets",
     "page_size": "page_size",
     "kv_window": "window",
+    "pending": "pending",
+    "pending_ttl_max": "pending_ttl_max_s",
 }
 
 

@@ -1,0 +1,184 @@
+"""Routing-time residency: the prefix a prefill worker is about to hold, before its KV events say so.
+
+When a router sends a prompt to a prefill worker, the worker will cache the prompt's page-aligned
+prefix with its SWA tail (the engine inserts it when the prefill finishes: docs/engine.md). Until
+its KV events arrive, every router would route the prompt's siblings and its next turn as if the
+worker held nothing. A *pending entry* says what the worker will hold:
+
+    pages      0    1    2  ...  E-2  E-1      E = the prompt's full pages (n // page_size)
+    full       P    P    P  ...   P    P       pending full KV for every page
+    swa                           P    P       pending SWA KV for the `need` pages before E
+                                               (+ before a branch point the worker will checkpoint)
+
+It counts in the prefix index like a real block of that worker (window-safe at the prompt's own
+end, nowhere else), and leaves the index when
+
+- the worker's own events make it true (`satisfied`: the real sets hold its end page and its SWA
+  pages): it has been *replaced*;
+- its deadline passes (a TTL tied to the prefill's expected duration: the worker may have evicted
+  or never cached it);
+- the request failed or was aborted (an `unpend` entry), the worker cleared its cache, left the
+  registry, or restarted (another incarnation: services/common/kv_index_follower.py fences it).
+
+`PendingLayer` is the reference-counted mask layer that PrefixIndex ORs into its own masks while it
+matches; it takes worker bits, not names, and its owner holds the lock. No Redis, no torch here:
+the wire is in `pending_wire.py`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from services.common.block_hash import BlockHash
+
+Kind = Literal["full", "swa"]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEntry:
+    pid: str  # the routing decision's id (the request id): what `unpend` names
+    worker: str  # the prefill worker's worker_id
+    full: tuple[BlockHash, ...]  # the prompt's page hashes [0, E), E >= 1
+    swa: tuple[BlockHash, ...]  # page hashes whose SWA KV the worker will keep (a subset of full)
+    deadline: float  # wall clock (time.time()) after which the entry is dropped
+    incarnation: str = ""  # the worker's start id as the router knew it ("" = unknown)
+
+    def __post_init__(self) -> None:
+        if not self.full:
+            raise ValueError("a pending entry needs at least one full page")
+        if not self.pid or not self.worker:
+            raise ValueError("a pending entry needs a pid and a worker")
+
+    def hashes(self, kind: Kind) -> tuple[BlockHash, ...]:
+        return self.full if kind == "full" else self.swa
+
+
+def swa_pages(full: tuple[BlockHash, ...], need: int, branch_at: int = 0) -> tuple[BlockHash, ...]:
+    """The pages whose SWA KV a worker keeps after prefilling `full` (E = len(full) pages): the
+    `need` pages before E (the prompt end's tail), and the `need` pages before `branch_at` when the
+    worker's cache ends its window-safe match before that page (the scheduler's branch checkpoint)."""
+    e = len(full)
+    picked = set(range(max(0, e - need), e))
+    if 0 < branch_at < e:
+        picked |= set(range(max(0, branch_at - need), branch_at))
+    return tuple(full[i] for i in sorted(picked))
+
+
+class PendingLayer:
+    """Pending entries as per-kind bitmasks over the owner's worker bits, reference-counted per
+    (worker, kind, hash) so that overlapping entries (siblings sharing a prefix) drop one by one.
+
+    Not thread-safe: PrefixIndex calls it with its lock held."""
+
+    def __init__(self) -> None:
+        self.masks: dict[Kind, dict[BlockHash, int]] = {"full": {}, "swa": {}}
+        self._counts: dict[int, dict[Kind, dict[BlockHash, int]]] = {}  # bit -> kind -> hash -> refs
+        self._entries: dict[str, tuple[PendingEntry, int]] = {}  # pid -> (entry, bit)
+        self._by_bit: dict[int, set[str]] = {}
+        self._deadlines: list[tuple[float, str]] = []  # min-heap; stale items skipped
+        self.added = 0
+        self.replaced = 0
+        self.expired = 0
+        self.dropped = 0  # unpend, clear, leave, fence
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, pid: str) -> bool:
+        return pid in self._entries
+
+    def entries(self) -> list[PendingEntry]:
+        return [e for e, _ in self._entries.values()]
+
+    def of_bit(self, bit: int) -> list[PendingEntry]:
+        return [self._entries[p][0] for p in self._by_bit.get(bit, ())]
+
+    def add(self, entry: PendingEntry, bit: int) -> bool:
+        """Add the entry for the worker with bit `bit`; False if its pid is already here."""
+        if entry.pid in self._entries:
+            return False
+        self._entries[entry.pid] = (entry, bit)
+        self._by_bit.setdefault(bit, set()).add(entry.pid)
+        counts = self._counts.setdefault(bit, {"full": {}, "swa": {}})
+        flag = 1 << bit
+        for kind in ("full", "swa"):
+            own, masks = counts[kind], self.masks[kind]
+            for h in entry.hashes(kind):
+                n = own.get(h, 0)
+                own[h] = n + 1
+                if n == 0:
+                    masks[h] = masks.get(h, 0) | flag
+        heapq.heappush(self._deadlines, (entry.deadline, entry.pid))
+        self.added += 1
+        return True
+
+    def drop(self, pid: str) -> PendingEntry | None:
+        got = self._entries.pop(pid, None)
+        if got is None:
+            return None
+        entry, bit = got
+        pids = self._by_bit[bit]
+        pids.discard(pid)
+        if not pids:
+            del self._by_bit[bit]
+        counts = self._counts[bit]
+        keep = ~(1 << bit)
+        for kind in ("full", "swa"):
+            own, masks = counts[kind], self.masks[kind]
+            for h in entry.hashes(kind):
+                n = own[h] - 1
+                if n:
+                    own[h] = n
+                    continue
+                del own[h]
+                m = masks[h] & keep
+                if m:
+                    masks[h] = m
+                else:
+                    del masks[h]
+        if not counts["full"] and not counts["swa"]:
+            del self._counts[bit]
+        return entry
+
+    def drop_bit(self, bit: int) -> int:
+        """Drop every entry of one worker (it cleared its cache, left, or restarted)."""
+        pids = list(self._by_bit.get(bit, ()))
+        for pid in pids:
+            self.drop(pid)
+        self.dropped += len(pids)
+        return len(pids)
+
+    def expire(self, now: float) -> int:
+        """Drop the entries whose deadline is at or before `now`."""
+        n = 0
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            deadline, pid = heapq.heappop(heap)
+            got = self._entries.get(pid)
+            if got is not None and got[0].deadline == deadline:
+                self.drop(pid)
+                n += 1
+        self.expired += n
+        if not self._entries:
+            self._deadlines.clear()
+        return n
+
+    def replace_satisfied(self, bit: int, full: set[BlockHash], swa: set[BlockHash]) -> int:
+        """Drop the worker's entries that its real state (`full`, `swa` sets) now makes true."""
+        done = [e.pid for e in self.of_bit(bit) if satisfied(e, full, swa)]
+        for pid in done:
+            self.drop(pid)
+        self.replaced += len(done)
+        return len(done)
+
+
+def satisfied(entry: PendingEntry, full: set[BlockHash], swa: Iterable[BlockHash] | set[BlockHash]) -> bool:
+    """Whether a worker's real (full, swa) sets already hold what the entry announces at its end."""
+    swa_set = swa if isinstance(swa, set) else set(swa)
+    return entry.full[-1] in full and all(h in swa_set for h in entry.swa)
+
+
+__all__ = ["PendingEntry", "PendingLayer", "satisfied", "swa_pages"]

@@ -1,0 +1,81 @@
+"""The wire of routing-time residency (pending_residency.py): one stream entry per routing decision.
+
+    {prefix}:pending    STREAM, trimmed by age (MINID ~ now - max TTL): one entry per decision
+        k    "pend" | "unpend"
+        p    the decision's id (request id)
+        w    the prefill worker's worker_id
+        e    its incarnation (registry start_id) as the router knew it, "" if unknown
+        ttl  milliseconds the entry lives after the entry's own id time (pend)
+        f    the full page hashes, 16 bytes each, big-endian (pend)
+        s    the SWA page hashes, same encoding (pend)
+
+A decision is one XADD: atomic, one round trip, whatever the prompt's length. The deadline is
+the entry id's time (Redis's clock) plus the TTL, so every replica expires an entry at the same
+moment whatever its own clock. Kept apart from the KV-event stream (kv_event_wire.py): that one
+is trimmed by count and read for its order; this one is trimmed by age and its entries are
+idempotent (by pid) and checked against the worker's real state when applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from services.common.block_hash import HASH_BYTES, BlockHash
+from services.common.pending_residency import PendingEntry
+
+PendKind = Literal["pend", "unpend"]
+
+
+def pack_hashes(hashes: tuple[BlockHash, ...]) -> bytes:
+    return b"".join(h.to_bytes(HASH_BYTES, "big") for h in hashes)
+
+
+def unpack_hashes(data: bytes) -> tuple[BlockHash, ...]:
+    if len(data) % HASH_BYTES:
+        raise ValueError(f"pending hashes: {len(data)} bytes is not a multiple of {HASH_BYTES}")
+    return tuple(
+        BlockHash(int.from_bytes(data[i : i + HASH_BYTES], "big")) for i in range(0, len(data), HASH_BYTES)
+    )
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    kind: PendKind
+    pid: str
+    worker: str
+    incarnation: str = ""
+    ttl_ms: int = 0
+    full: tuple[BlockHash, ...] = ()
+    swa: tuple[BlockHash, ...] = ()
+
+    def to_fields(self) -> dict[str, str | bytes]:
+        f: dict[str, str | bytes] = {"k": self.kind, "p": self.pid, "w": self.worker, "e": self.incarnation}
+        if self.kind == "pend":
+            f |= {"ttl": str(self.ttl_ms), "f": pack_hashes(self.full), "s": pack_hashes(self.swa)}
+        return f
+
+    @classmethod
+    def from_fields(cls, f: dict[bytes, bytes]) -> PendingMessage:
+        kind = f[b"k"].decode()
+        if kind not in ("pend", "unpend"):
+            raise ValueError(f"unknown pending entry kind {kind!r}")
+        msg = cls(cast(PendKind, kind), f[b"p"].decode(), f[b"w"].decode(), f.get(b"e", b"").decode())
+        if kind == "unpend":
+            return msg
+        full, swa = unpack_hashes(f.get(b"f", b"")), unpack_hashes(f.get(b"s", b""))
+        if not full:
+            raise ValueError("a pend entry without pages")
+        return cls("pend", msg.pid, msg.worker, msg.incarnation, int(f[b"ttl"]), full, swa)
+
+    def entry(self, written_ms: int) -> PendingEntry:
+        """The entry as the index holds it: deadline = the stream id's time + TTL."""
+        return PendingEntry(self.pid, self.worker, self.full, self.swa, (written_ms + self.ttl_ms) / 1000,
+                            self.incarnation)  # fmt: skip
+
+    @classmethod
+    def of(cls, entry: PendingEntry, ttl_ms: int) -> PendingMessage:
+        return cls("pend", entry.pid, entry.worker, entry.incarnation, ttl_ms, entry.full, entry.swa)
+
+
+__all__ = ["PendKind", "PendingMessage", "pack_hashes", "unpack_hashes"]

@@ -1,0 +1,191 @@
+"""Routing-time residency in the prefix index (services/common/pending_residency.py): a pending entry
+counts as the worker's blocks, window-safe at the prompt's end only; it leaves when the worker's
+events make it true, when it expires, when the request is withdrawn, or with the worker's state.
+Checked against an independent reference: a second index in which the pending pages are real."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.common.block_hash import BlockHash, hash_blocks
+from services.common.pending_residency import PendingEntry, swa_pages
+from services.common.pending_wire import PendingMessage
+from services.common.prefix_index import PrefixIndex
+from services.common.prefix_index import WorkerMatch as M
+
+PAGE, WINDOW = 4, 8  # need = 2 pages
+NEED = 2
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def pages(ids: list[int]) -> tuple[BlockHash, ...]:
+    return tuple(hash_blocks(ids, PAGE))
+
+
+def entry(
+    pid: str, worker: str, full: tuple[BlockHash, ...], deadline: float = 2000.0, branch: int = 0
+) -> PendingEntry:
+    return PendingEntry(pid, worker, full, swa_pages(full, NEED, branch), deadline)
+
+
+@pytest.fixture
+def index() -> PrefixIndex:
+    ix = PrefixIndex(PAGE, WINDOW)
+    ix.clock = Clock()
+    return ix
+
+
+def test_a_pending_prompt_is_window_safe_at_its_end_and_raw_before(index: PrefixIndex) -> None:
+    prompt = pages(list(range(40)))  # 10 pages
+    assert index.add_pending(entry("r1", "w", prompt))
+    assert index.match(prompt)["w"] == M(10, 10)
+    sibling = prompt[:6] + pages(list(range(24)) + [999] * 16)[6:]  # shares 6 pages, then diverges
+    m = index.match(sibling)["w"]
+    assert m.raw_blocks == 6 and m.safe_blocks == 0  # no SWA at the branch: not a hit (window-safe)
+    # the real index says the same once the worker's events are in
+    real = PrefixIndex(PAGE, WINDOW)
+    real.store("w", "full", prompt)
+    real.store("w", "swa", prompt[-NEED:])
+    assert real.match(sibling)["w"] == m and real.match(prompt)["w"] == M(10, 10)
+
+
+def test_a_branch_point_the_worker_will_checkpoint_is_safe_too(index: PrefixIndex) -> None:
+    prompt = pages(list(range(40)))
+    index.add_pending(entry("r1", "w", prompt, branch=6))
+    assert index.match(prompt[:6])["w"] == M(6, 6)
+    assert index.match(prompt[:7])["w"] == M(7, 6)  # page 6 ends no window-safe prefix
+
+
+def test_siblings_overlap_and_leave_one_by_one(index: PrefixIndex) -> None:
+    a = pages(list(range(40)))
+    b = a[:6] + pages(list(range(24)) + [7] * 16)[6:]
+    index.add_pending(entry("a", "w", a))
+    index.add_pending(entry("b", "w", b))
+    assert index.drop_pending("a")
+    assert index.match(a)["w"].raw_blocks == 6  # b still holds the shared pages
+    assert index.match(b)["w"] == M(10, 10)
+    assert not index.drop_pending("a")
+    index.drop_pending("b")
+    assert index.match(b)["w"] == M(0, 0) and index.pending.masks == {"full": {}, "swa": {}}
+
+
+def test_the_workers_events_replace_it_and_a_late_entry_is_not_added(index: PrefixIndex) -> None:
+    prompt = pages(list(range(40)))
+    index.add_pending(entry("r1", "w", prompt))
+    index.store("w", "full", prompt)
+    assert "r1" in index.pending  # the window's SWA is not in yet
+    index.store("w", "swa", prompt[-NEED:])
+    assert "r1" not in index.pending and index.pending.replaced == 1
+    index.remove("w", "full", prompt[5:])  # evicted: the index says so at once (no pending left)
+    assert index.match(prompt)["w"] == M(5, 0)
+    index.store("w", "full", prompt[5:])
+    assert not index.add_pending(entry("r2", "w", prompt))  # the events came first: nothing to add
+
+
+def test_expiry_clear_and_leave_drop_entries(index: PrefixIndex) -> None:
+    clock = index.clock
+    assert isinstance(clock, Clock)
+    p1, p2 = pages(list(range(40))), pages(list(range(100, 140)))
+    index.add_pending(entry("a", "w1", p1, deadline=1005))
+    index.add_pending(entry("b", "w2", p2, deadline=1010))
+    index.add_pending(entry("c", "w2", p1, deadline=1010))
+    clock.t = 1005
+    assert "w1" not in {w for w, m in index.match(p1).items() if m.raw_blocks}
+    assert index.pending.expired == 1
+    index.clear("w2")  # the worker reset its cache: what was routed before is gone too
+    assert len(index.pending) == 0
+    index.add_pending(entry("d", "w2", p2))
+    index.remove_worker("w2")
+    assert len(index.pending) == 0 and all(m.raw_blocks == 0 for m in index.match(p2).values())
+    assert not index.add_pending(entry("e", "w3", p2, deadline=1000))  # already expired
+
+
+def test_the_wire_round_trips() -> None:
+    full = pages(list(range(40)))
+    e = PendingEntry("r", "w", full, swa_pages(full, NEED), 0.0, "inc1")
+    msg = PendingMessage.of(e, 2500)
+    fields = {k.encode(): v.encode() if isinstance(v, str) else v for k, v in msg.to_fields().items()}
+    back = PendingMessage.from_fields(fields)
+    assert back == msg and back.entry(1_000_000) == PendingEntry("r", "w", full, e.swa, 1002.5, "inc1")
+    with pytest.raises(ValueError):
+        PendingMessage.from_fields({**fields, b"k": b"what"})
+    with pytest.raises(ValueError):
+        PendingMessage.from_fields({**fields, b"f": b"\x00" * 15})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_pending_entries_match_like_real_blocks(seed: int) -> None:
+    """Index with pending entries == an index where every live entry's pages were stored for real."""
+    rng = random.Random(seed)
+    clock = Clock()
+    ix = PrefixIndex(PAGE, WINDOW)
+    ix.clock = clock
+    workers = [f"w{i}" for i in range(4)]
+    roots = [[rng.randrange(50) for _ in range(rng.randrange(4, 60))] for _ in range(6)]
+
+    def prompt() -> list[int]:
+        base = rng.choice(roots)
+        return base[: rng.randrange(len(base) + 1)] + [rng.randrange(50) for _ in range(rng.randrange(0, 30))]
+
+    live: dict[str, PendingEntry] = {}
+    real: dict[str, tuple[set[BlockHash], set[BlockHash]]] = {w: (set(), set()) for w in workers}
+    for step in range(200):
+        clock.t += rng.random()
+        op = rng.random()
+        w = rng.choice(workers)
+        if op < 0.45:
+            full = pages(prompt())
+            if full:
+                e = entry(
+                    f"p{step}",
+                    w,
+                    full,
+                    deadline=clock.t + rng.uniform(0.5, 20),
+                    branch=rng.randrange(len(full)),
+                )
+                if ix.add_pending(e):
+                    live[e.pid] = e
+        elif op < 0.6 and live:
+            pid = rng.choice(sorted(live))
+            ix.drop_pending(pid)
+            live.pop(pid)
+        elif op < 0.85:
+            full = pages(prompt())
+            kind = rng.choice(["full", "swa"])
+            hs = [h for h in full if rng.random() < 0.7]
+            ix.store(w, kind, hs)
+            real[w][0 if kind == "full" else 1].update(hs)
+        elif op < 0.97:
+            full = pages(prompt())
+            kind = rng.choice(["full", "swa"])
+            ix.remove(w, kind, full)
+            real[w][0 if kind == "full" else 1].difference_update(full)
+        else:
+            ix.clear(w)
+            real[w] = (set(), set())
+            live = {p: e for p, e in live.items() if e.worker != w}
+        # what the index should still hold: not expired, not satisfied by the real state
+        ix.match(())  # expiry runs on match
+        live = {p: e for p, e in live.items() if e.deadline > clock.t}
+        live = {p: e for p, e in live.items() if p in ix.pending}
+        assert set(live) == {e.pid for e in ix.pending.entries()}
+        ref = PrefixIndex(PAGE, WINDOW)
+        for wk in workers:
+            ref.store(wk, "full", real[wk][0])
+            ref.store(wk, "swa", real[wk][1])
+        for e in live.values():
+            ref.store(e.worker, "full", e.full)
+            ref.store(e.worker, "swa", e.swa)
+        q = pages(prompt())
+        got = ix.match(q, workers)
+        want = ref.match(q, workers)
+        assert got == want, (step, q)
