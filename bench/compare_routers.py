@@ -10,6 +10,13 @@ and stops everything. Policies (bench/compare/fleet.py): round-robin and cache_a
 sglang-router and cache_aware of vllm-router in front of sim role `both`; our router with
 --prefill-policy load | seed | cost in front of sim prefill + decode workers.
 
+Queue order: every fleet's prefill queue runs fcfs in the tables (--queue-policy), so that routing
+alone is compared; swaserve-seed with our workers' own uncached-first order is run beside in each
+table. --router-replicas N adds runs of our policies with N router processes on one Redis (the
+replay sends to them in turn). --agentic adds a generated agentic trace (bench/replay/agentic.py:
+~85k-token prompts of growing tool sessions), the one the router-CPU goal is judged on. Any
+Mooncake-format trace can be passed with --trace; nothing in the harness depends on which.
+
 Scaling (stated in every report): --max-output 8 (decode is not what is compared), prompts at
 their real lengths (--prompt-scale 1), --rate-scale X (default 8: at X = 1 the conversation
 trace asks ~41k prefill tok/s of 8 workers of ~100k tok/s each, 5% load; X = 8 with its 3-second
@@ -39,6 +46,7 @@ from bench.compare.fleet import POLICIES, FleetSpec  # noqa: E402
 from bench.compare.plots import sweep_plots  # noqa: E402
 from bench.compare.report import group_header, report  # noqa: E402
 from bench.compare.run import RunSpec, Workload, execute  # noqa: E402
+from bench.replay.agentic import AgenticSpec, generate  # noqa: E402
 from bench.replay.plan import Scaling, TraceSlice, plan  # noqa: E402
 from bench.replay.prompts import BLOCK_MODES  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
@@ -68,7 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hybrid-policies", default=None, help="window-128 runs, conversation, 8 workers ('' none)"
     )
-    p.add_argument("--no-queue-policy", action="store_true", help="skip the fcfs vs uncached-first runs")
+    p.add_argument(
+        "--queue-policy",
+        choices=("fcfs", "uncached-first"),
+        default="fcfs",
+        help="our prefill sims' queue order in the tables (the text routers' sims run fcfs); swaserve-seed "
+        "with the other order is run beside in each table",
+    )
+    p.add_argument(
+        "--no-queue-policy", action="store_true", help="skip the other-order runs and the queue split"
+    )
+    p.add_argument(
+        "--router-replicas",
+        type=int,
+        default=1,
+        help="N > 1: also run our main policies with N router replicas on one Redis (first trace and "
+        "worker count), beside the one-replica runs",
+    )
+    p.add_argument(
+        "--agentic",
+        action="store_true",
+        help="add a generated agentic trace (bench/replay/agentic.py, seed --seed, written to --out-dir)",
+    )
     p.add_argument(
         "--chunk-size", type=int, default=None, help="the sims' prefill chunk, tokens (default theirs: 16384)"
     )
@@ -121,7 +150,14 @@ def _names(spec: str | None, default: list[str]) -> list[str]:
 def resolve(a: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on --quick."""
     quick = a.quick
+    if a.router_replicas < 1:
+        raise SystemExit(f"--router-replicas must be >= 1, got {a.router_replicas}")
     traces = a.trace or [a.traces_dir / t for t in (TRACES[:1] if quick else TRACES)]
+    if a.agentic:
+        traces = [*traces, a.out_dir / "agentic_trace.jsonl"]
+    names = [_name(t) for t in traces]
+    if len(set(names)) < len(names):  # run keys and section names carry the trace's name
+        raise SystemExit(f"two traces with one name in {names}: rename one")
     main = _names(
         a.policies, ["round-robin", "swaserve-seed", "sglang-cache-aware"] if quick else list(FULL_POLICIES)
     )
@@ -160,9 +196,18 @@ def time_scale(a: argparse.Namespace, policy: str, workers: int, rate: float) ->
     return float(f"{k:.2g}")
 
 
+def our_queue(a: argparse.Namespace, other: bool = False) -> str | None:
+    """Our sims' --queue-policy for the tables (or, `other`, for the runs beside): fcfs, or None for the
+    sims' own default (uncached-first; such runs keep the run keys they had before fcfs was the default)."""
+    fcfs = (a.queue_policy == "fcfs") != other
+    return "fcfs" if fcfs else None
+
+
 def make_run(
     a: argparse.Namespace, trace: Path, policy: str, workers: int, x: float, **fleet: Any
 ) -> RunSpec:
+    if POLICIES[policy].router == "swaserve":
+        fleet.setdefault("queue_policy", our_queue(a))
     rate = a.base_rates[trace] * x
     k = time_scale(a, policy, workers, rate)
     w = Workload(trace, a.start, a.duration, x, k, a.max_output, a.prompt_scale, a.seed,
@@ -182,10 +227,23 @@ def plan_sections(a: argparse.Namespace) -> dict[str, list[RunSpec]]:
         for t in a.traces
         for w in a.workers
     }
-    if not a.no_queue_policy:
-        sections["queue"] = [make_run(a, first, "swaserve-seed", w0, a.rate_scale, queue_policy=q)
-                             for q in (None, "fcfs")]  # fmt: skip
-        sections[f"main {_name(first)} {w0} workers"].append(sections["queue"][1])
+    if not a.no_queue_policy:  # swaserve-seed with the other queue order, beside in every table
+        for t in a.traces:
+            for w in a.workers:
+                beside = make_run(
+                    a, t, "swaserve-seed", w, a.rate_scale, queue_policy=our_queue(a, other=True)
+                )
+                sections[f"main {_name(t)} {w} workers"].append(beside)
+        sections["queue"] = [
+            make_run(a, first, "swaserve-seed", w0, a.rate_scale, queue_policy=q) for q in (None, "fcfs")
+        ]  # fmt: skip: (uncached-first, fcfs)
+    if a.router_replicas > 1:
+        ours = [p for p in a.policies if POLICIES[p].router == "swaserve"]
+        sections["replicas"] = [
+            make_run(a, first, p, w0, a.rate_scale, router_replicas=n)
+            for p in ours
+            for n in (1, a.router_replicas)
+        ]
     if a.sweep:
         sections["sweep"] = [make_run(a, first, p, w0, x) for x in a.sweep for p in a.sweep_policies]
     if a.hybrid_policies:
@@ -267,8 +325,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(a: argparse.Namespace) -> int:
+    if a.agentic and not a.report_only:
+        records = generate(AgenticSpec(seed=a.seed))
+        a.traces[-1].parent.mkdir(parents=True, exist_ok=True)
+        a.traces[-1].write_text("".join(r.json() + "\n" for r in records))
     try:
         a.base_rates = {t: offered_rate(t, a.start, a.duration) for t in a.traces}
+        empty = [str(t) for t, rate in a.base_rates.items() if rate <= 0]
+        if empty:
+            raise ValueError(f"no request in the slice of {', '.join(empty)}")
     except (OSError, ValueError) as e:
         print(f"compare_routers: {e} (--traces-dir / --trace, --start / --duration)", file=sys.stderr)
         return 2

@@ -126,6 +126,37 @@ def group_goals(summaries: Sequence[Summary], scope: str, swaserve: str = "swase
     if sg is not None and sg["p90_ttft_ms"]:
         cut = 100 * (1 - ours["p90_ttft_ms"] / sg["p90_ttft_ms"])
         goals.append(Goal(f"{swaserve} P90 TTFT below sglang cache_aware", scope, cut, 30.0, unit="%"))
+    if (ratio := cpu_ratio(ours, sg)) is not None:
+        goals.append(
+            Goal(f"{swaserve} router CPU per request / sglang-router's", scope, ratio, 2.0, False, "x")
+        )
+    return goals
+
+
+def cpu_ratio(s: Summary, sglang: Summary | None) -> float | None:
+    """Router CPU per request of run `s` over sglang-router's (cache_aware) in the same table."""
+    if sglang is None or s.get("error") or not sglang.get("router_cpu_ms_per_req"):
+        return None
+    return float(s["router_cpu_ms_per_req"]) / float(sglang["router_cpu_ms_per_req"])
+
+
+REPLICA_POINTS = 1.0  # hit rate with N router replicas may fall at most this many points below one's
+
+
+def replica_goals(summaries: Sequence[Summary], scope: str) -> list[Goal]:
+    """Per policy, the hit rate with the most router replicas against one replica (same trace, fleet, rate)."""
+    goals: list[Goal] = []
+    for policy in dict.fromkeys(s["policy"] for s in summaries if s.get("completed")):
+        runs = sorted((s for s in summaries if s["policy"] == policy and s.get("completed")),
+                      key=lambda s: s.get("router_replicas", 1))  # fmt: skip
+        one, many = runs[0], runs[-1]
+        if one.get("router_replicas", 1) != 1 or many.get("router_replicas", 1) == 1:
+            continue
+        n = many["router_replicas"]
+        diff = 100 * (many["hit_rate"] - one["hit_rate"])
+        goals.append(
+            Goal(f"{policy} hit rate, {n} router replicas vs 1", scope, diff, -REPLICA_POINTS, unit="%")
+        )
     return goals
 
 
@@ -188,19 +219,21 @@ def _cpu(ms_per_req: float | None, util: float | None) -> str:
 
 TABLE_HEAD = (
     "| policy | K | hit rate | hit / ideal | TTFT mean ms | P90 ms | P99 ms | req/s | input tok/s "
-    "| imbalance | router CPU ms/req (core) | fleet CPU ms/req (core) | other CPU | failed |"
+    "| imbalance | router CPU ms/req (core) | router CPU / sglang's | fleet CPU ms/req (core) | other CPU "
+    "| failed |"
 )
 
 
-def table_row(s: Summary) -> str:
+def table_row(s: Summary, sglang: Summary | None = None) -> str:
+    """One run's row; `sglang`: the table's sglang-router cache_aware run (the router-CPU ratio's base)."""
     if s.get("error"):
-        return f"| {s['policy']} | | run failed: {s['error'][:80]} | | | | | | | | | | | |"
+        return f"| {s['policy']} | | run failed: {s['error'][:80]} | | | | | | | | | | | | |"
     k = s["workload"]["time_scale"]
     cells = [
         s["policy"], f"{k:g}", _pct(s["hit_rate"]), _pct(s["hit_ratio"]), _ms(s["mean_ttft_ms"]),
         _ms(s["p90_ttft_ms"]), _ms(s["p99_ttft_ms"]), f"{s['request_throughput']:.2f}",
         f"{s['input_throughput']:,.0f}", _ratio(s.get("backlog_imbalance")), _cpu(s["router_cpu_ms_per_req"], s["router_core_util"]),
-        _cpu(s["fleet_cpu_ms_per_req"], s["fleet_core_util"]), _ratio(s.get("other_cpu_cores")),
+        _ratio(cpu_ratio(s, sglang)), _cpu(s["fleet_cpu_ms_per_req"], s["fleet_core_util"]), _ratio(s.get("other_cpu_cores")),
         f"{s['failed']}/{s['sent']}",
     ]  # fmt: skip
     return "| " + " | ".join(cells) + " |"
@@ -208,7 +241,8 @@ def table_row(s: Summary) -> str:
 
 def format_table(summaries: Sequence[Summary]) -> str:
     sep = "|" + "---|" * TABLE_HEAD.count(" | ") + "---|"
-    return "\n".join([TABLE_HEAD, sep, *(table_row(s) for s in summaries)])
+    sglang = _find(summaries, "sglang-cache-aware")
+    return "\n".join([TABLE_HEAD, sep, *(table_row(s, sglang) for s in summaries)])
 
 
 # -- where the missing hits went ----------------------------------------------------------------

@@ -208,18 +208,47 @@ def _full_summary(policy: str, **kw: object) -> dict[str, object]:
 
 
 def test_table_has_one_row_per_run_with_the_header_width() -> None:
+    sglang = _full_summary("sglang-cache-aware", router_cpu_ms_per_req=2.9, completed=259)
     text = analysis.format_table(
-        [_full_summary("swaserve-seed"), {"policy": "vllm-cache-aware", "error": "boom"}]
+        [_full_summary("swaserve-seed"), {"policy": "vllm-cache-aware", "error": "boom"}, sglang]
     )
     lines = text.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 5
     widths = {line.count("|") for line in lines}
-    assert widths == {15}  # 14 columns
+    assert widths == {16}  # 15 columns
     assert lines[2] == (
-        "| swaserve-seed | 1.5 | 12.3% | 90.0% | 321 | 654 | 1,234 | 20.50 | 250,000 | 2.35 | 7.2 (17%) | 13.0 (36%) "
-        "| 0.07 | 1/260 |"
+        "| swaserve-seed | 1.5 | 12.3% | 90.0% | 321 | 654 | 1,234 | 20.50 | 250,000 | 2.35 | 7.2 (17%) | 2.50 "
+        "| 13.0 (36%) | 0.07 | 1/260 |"
     )
     assert "run failed: boom" in lines[3]
+    assert "| 2.9 (17%) | 1.00 |" in lines[4]
+    # no sglang-router run in the table: no ratio
+    assert "| 7.2 (17%) | n/a |" in analysis.format_table([_full_summary("swaserve-seed")])
+
+
+def test_router_cpu_goal_is_at_most_twice_sglang_routers() -> None:
+    runs = [
+        _summary("swaserve-seed", router_cpu_ms_per_req=7.0),
+        _summary("sglang-cache-aware", router_cpu_ms_per_req=3.0),
+    ]
+    goal = next(g for g in analysis.group_goals(runs, "agentic 8") if "router CPU" in g.name)
+    assert goal.value == pytest.approx(7 / 3) and not goal.met and goal.margin == pytest.approx(2 - 7 / 3)
+    runs[0]["router_cpu_ms_per_req"] = 5.5
+    assert next(g for g in analysis.group_goals(runs, "") if "router CPU" in g.name).met
+
+
+def test_replica_goal_allows_one_point_below_one_replica() -> None:
+    one = _summary("swaserve-seed", hit_rate=0.300, router_replicas=1)
+    four = _summary("swaserve-seed", hit_rate=0.291, router_replicas=4)
+    worse = _summary("least-load", hit_rate=0.10, router_replicas=4)
+    goals = analysis.replica_goals(
+        [one, four, _summary("least-load", hit_rate=0.2, router_replicas=1), worse], "r"
+    )
+    assert [g.name for g in goals] == ["swaserve-seed hit rate, 4 router replicas vs 1",
+                                       "least-load hit rate, 4 router replicas vs 1"]  # fmt: skip
+    assert goals[0].value == pytest.approx(-0.9) and goals[0].met
+    assert goals[1].value == pytest.approx(-10.0) and not goals[1].met
+    assert analysis.replica_goals([one], "r") == []  # nothing to compare with
 
 
 def test_time_scale_keeps_the_wall_rate_and_slows_vllm_with_many_workers() -> None:
@@ -245,6 +274,51 @@ def test_a_retry_is_kept_only_if_it_ran_with_less_other_work() -> None:
     assert not _better(busy, calm) and not _better(failed, busy)
 
 
+def _args(*argv: str) -> argparse.Namespace:
+    from bench.compare_routers import build_parser, resolve
+
+    a = resolve(build_parser().parse_args(["--trace", "x/conv_trace.jsonl", *argv]))
+    a.base_rates = {t: 4.0 for t in a.traces}
+    return a
+
+
+def test_tables_run_fcfs_everywhere_with_uncached_first_beside() -> None:
+    from bench.compare_routers import plan_sections
+
+    a = _args(
+        "--policies", "round-robin,swaserve-seed,sglang-cache-aware", "--workers", "8,32", "--sweep", "8"
+    )
+    sections = plan_sections(a)
+    for w in (8, 32):
+        main_runs = sections[f"main conv {w} workers"]
+        ours = [(r.policy.name, r.fleet.queue_policy) for r in main_runs if r.policy.router == "swaserve"]
+        assert ours == [("swaserve-seed", "fcfs"), ("swaserve-seed", None)]  # None: the sims' uncached-first
+        assert all(r.fleet.queue_policy is None for r in main_runs if r.policy.router != "swaserve")
+    assert all(r.fleet.queue_policy == "fcfs" for r in sections["sweep"] if r.policy.router == "swaserve")
+    assert [r.fleet.queue_policy for r in sections["queue"]] == [None, "fcfs"]
+    flipped = plan_sections(_args("--policies", "swaserve-seed", "--queue-policy", "uncached-first"))
+    assert [r.fleet.queue_policy for r in flipped["main conv 8 workers"]] == [None, "fcfs"]
+    assert "replicas" not in flipped
+
+
+def test_router_replicas_add_runs_beside_one_replica() -> None:
+    from bench.compare_routers import plan_sections
+
+    sections = plan_sections(
+        _args("--policies", "swaserve-seed,sglang-cache-aware", "--router-replicas", "4")
+    )
+    assert [(r.policy.name, r.fleet.router_replicas) for r in sections["replicas"]] == [
+        ("swaserve-seed", 1),
+        ("swaserve-seed", 4),
+    ]
+    assert sections["replicas"][0].key == sections["main conv 8 workers"][0].key  # the same run, once
+    assert sections["replicas"][1].key.endswith("-r4")
+    with pytest.raises(ValueError):
+        FleetSpec(8, 1, router_replicas=0)
+    with pytest.raises(SystemExit):
+        _args("--trace", "y/conv_trace.jsonl")  # two traces named alike: run keys would collide
+
+
 def test_run_keys_tell_window_and_queue_policy_apart() -> None:
     w = Workload(Path("x/conversation_trace.jsonl"), 0, 60, 8, 1)
     keys = {RunSpec(POLICIES["swaserve-seed"], w, FleetSpec(8, 1, queue_policy=q, window=win)).key
@@ -262,7 +336,7 @@ def test_run_keys_tell_window_and_queue_policy_apart() -> None:
 
 
 class _FakeFleet:  # what Workload.replay_argv reads of a fleet
-    target, model, prompt_mode = "http://x", "m", "ids"
+    targets, model, prompt_mode = ["http://x"], "m", "ids"
 
 
 def test_a_kept_run_made_with_other_prompts_is_redone() -> None:
