@@ -56,19 +56,45 @@ class Policy:
         return "ids" if self.router == "swaserve" else "text"
 
 
-POLICIES = {
-    p.name: p
-    for p in (
-        Policy("round-robin", "sglang", "round_robin"),
-        Policy("least-load", "swaserve", "load"),
-        Policy("swaserve-seed", "swaserve", "seed"),
-        Policy("swaserve-cost", "swaserve", "cost"),
-        Policy("swaserve-affinity", "swaserve", "affinity"),
-        Policy("swaserve-affinity-safe", "swaserve", "affinity", ("--raw-match-credit", "0")),
-        Policy("sglang-cache-aware", "sglang", "cache_aware"),
-        Policy("vllm-cache-aware", "vllm", "cache_aware"),
-    )
-}
+class _Policies(dict[str, Policy]):
+    """The named policies, and variants of ours spelled `NAME[FLAGS]`: NAME's router flags plus FLAGS
+    (space-separated), e.g. `swaserve-seed[--no-pending]` or `swaserve-seed[--match-weight 2]`:
+    how a sweep names its points without a table entry each."""
+
+    def __missing__(self, key: str) -> Policy:
+        base, sep, rest = key.partition("[")
+        if not sep or not rest.endswith("]") or base not in self:
+            raise KeyError(key)
+        p = self[base]
+        variant = Policy(key, p.router, p.arg, p.extra + tuple(rest[:-1].split()))
+        self[key] = variant
+        return variant
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        try:
+            self[str(key)]
+        except KeyError:
+            return False
+        return True
+
+
+POLICIES = _Policies(
+    {
+        p.name: p
+        for p in (
+            Policy("round-robin", "sglang", "round_robin"),
+            Policy("least-load", "swaserve", "load"),
+            Policy("swaserve-seed", "swaserve", "seed"),
+            Policy("swaserve-cost", "swaserve", "cost"),
+            Policy("swaserve-affinity", "swaserve", "affinity"),
+            Policy("swaserve-affinity-safe", "swaserve", "affinity", ("--raw-match-credit", "0")),
+            Policy("sglang-cache-aware", "sglang", "cache_aware"),
+            Policy("vllm-cache-aware", "vllm", "cache_aware"),
+        )
+    }
+)
 
 
 @dataclass(frozen=True)
