@@ -8,7 +8,7 @@ MODEL   ?= smollm2
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup up test test-all lint bench clean k8s-setup
+.PHONY: setup up test test-all lint bench clean chart k8s-setup
 
 PROTO_STAMP := services/proto_gen/.stamp
 
@@ -39,6 +39,11 @@ lint: setup
 # a real Kubernetes control plane for tests/k8s (the fixture runs this too): binaries, etcd, client
 k8s-setup: setup
 	bash scripts/k8s_setup.sh
+
+# the chart: schema and values reference regenerated-equal, lint (strict), render + schema + golden checks
+chart: setup
+	$(PY) -m swaserve.chart_values --check
+	$(VENV)/bin/pytest -q tests/deploy/chart -m 'not k8s'
 
 bench: setup
 	$(PY) bench/engine.py --quick

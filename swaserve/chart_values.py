@@ -264,14 +264,15 @@ class Redis(Placement):
     external: RedisExternal = Field(default_factory=RedisExternal)
 
 
+AccessMode = Literal["ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce"]
+
+
 class ModelPvc(Closed):
     claim_name: str = Field(default="", description="an existing PVC (create: false)")
     create: bool = False
     size: Quantity = "200Gi"
     storage_class_name: str = ""
-    access_modes: list[Literal["ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce"]] = Field(
-        default_factory=lambda: ["ReadOnlyMany"]
-    )
+    access_modes: list[AccessMode] = Field(default_factory=lambda: list[AccessMode](["ReadOnlyMany"]))
 
 
 class Models(Closed):
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is out of date: run python -m swaserve.chart_values --write")
+            print(f"{path} is out of date: run python -m swaserve.chart_values --write")
         return 1 if stale else 0
     for path in stale:
         path.write_text(wanted[path])
