@@ -2,7 +2,8 @@
 
     GET  /v1/models, /v1/models/{id}
     POST /v1/completions, /v1/chat/completions   (stream: Server-Sent Events ending in [DONE])
-    GET  /health, /metrics
+    GET  /health (liveness: 200 while the process serves), /ready (readiness: 503 until at least
+         one prefill and one decode worker are routable), /metrics
 
 Every error leaves as an OpenAI error object (errors.py decides the status); FastAPI's 422s are 400s.
 """
@@ -136,11 +137,34 @@ def create_app(
         ok = prefill > 0 and decode > 0
         return {"status": "ok" if ok else "no_workers", "prefill_workers": prefill, "decode_workers": decode}
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        body = readiness(worker_pool)
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def readiness(pool: WorkerPool) -> dict[str, Any]:
+    """`GET /ready`: "ready" once discovery has answered (a pool with `synced`) and at least one
+    prefill AND one decode worker are routable; else "not_ready" with the reason. /health, the
+    liveness probe, answers 200 whatever this says."""
+    try:
+        synced = bool(getattr(pool, "synced", True))
+        prefill, decode = len(pool.prefill_workers()), len(pool.decode_workers())
+    except Exception:
+        log.exception("worker discovery failed")
+        synced, prefill, decode = False, 0, 0
+    counts = {"prefill_workers": prefill, "decode_workers": decode}
+    for failed, reason in ((not synced, "discovery_not_synced"), (not prefill, "no_prefill_worker"),
+                           (not decode, "no_decode_worker")):  # fmt: skip
+        if failed:
+            return {"status": "not_ready", "reason": reason} | counts
+    return {"status": "ready"} | counts
 
 
 async def _serve(

@@ -23,6 +23,7 @@ import uvicorn
 from services.common.registry import WorkerRecord
 from services.engine.model_store import find_known, models_dir
 from services.router.app import create_app
+from services.router.k8s_discovery import add_k8s_args, kubernetes_pool
 from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
 from services.router.routing import IndexSource, policy_reads_l2
 from services.router.settings import RouterSettings
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", required=True, help="known model name (e.g. smollm2, mimo-tiny) or a model directory"
     )
     p.add_argument("--served-model-name", help="the id clients use (default: --model)")
-    workers = p.add_mutually_exclusive_group(required=True)
+    workers = p.add_mutually_exclusive_group()
     workers.add_argument("--redis-url", help="discover workers in the Redis registry")
     workers.add_argument(
         "--prefill", action="append", help="prefill worker host:port (repeat or comma-separate)"
@@ -57,8 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cache-aware routing from the workers' KV events in Redis (needs --redis-url)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--discovery", choices=["redis", "kubernetes"], default="redis",
+        help="which workers are routable: their Redis records, or their Ready pods (then --redis-url, "
+        "if given, still supplies loads and the prefix index; see --k8s-*)",
+    )  # fmt: skip
+    add_k8s_args(p)
     add_policy_args(p)
     args = p.parse_args(argv)
+    if args.discovery == "kubernetes" and args.prefill:
+        p.error("--discovery kubernetes finds the workers itself: drop --prefill/--decode")
+    if args.discovery == "redis" and not args.redis_url and not args.prefill:
+        p.error("one of --redis-url, --prefill/--decode or --discovery kubernetes is required")
     if args.prefix_index == "on" and not args.redis_url:
         p.error("--prefix-index on needs --redis-url")
     if args.prefill and not args.decode:
@@ -137,7 +148,18 @@ def routed_residency(args: argparse.Namespace, policy: PolicyConfig, index: Inde
 
 
 def worker_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | None) -> WorkerPool:
-    """Static from the command line, or discovered in Redis (workers registered with `model`)."""
+    """Static from the command line, discovered in Redis (workers registered with `model`), or
+    (--discovery kubernetes) the Ready worker pods, with their loads from Redis when it is given."""
+    if args.discovery == "kubernetes":
+        loads = redis_pool(args, model, *indexes) if args.redis_url else None
+        return kubernetes_pool(args, model, loads)
+    if args.redis_url:
+        return redis_pool(args, model, *indexes)
+    return StaticWorkerPool(_split(args.prefill), _split(args.decode))
+
+
+def redis_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | None) -> WorkerPool:
+    """Workers (and their loads) in the Redis registry."""
     if args.redis_url:
         try:
             from services.router.discovery import RedisWorkerPool
@@ -163,7 +185,7 @@ def worker_pool(args: argparse.Namespace, model: str, *indexes: IndexSource | No
             on_record=fence if fences else None,
         )
         return pool
-    return StaticWorkerPool(_split(args.prefill), _split(args.decode))
+    raise SystemExit("Redis discovery needs --redis-url")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -189,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     index = index_follower(args, policy)
     # the host tiers' index only where a scorer reads it (the cost policy)
-    l2_index = index_follower(args, policy, tier="l2") if index is not None and policy_reads_l2(policy) else None
+    l2_index = (
+        index_follower(args, policy, tier="l2") if index is not None and policy_reads_l2(policy) else None
+    )
     pool = worker_pool(args, args.model, index, l2_index)
     residency = routed_residency(args, policy, index)
     app = create_app(settings, pool, index=index, l2_index=l2_index, residency=residency)

@@ -66,9 +66,14 @@ class K8sCluster:
     def apps(self) -> client.AppsV1Api:
         return client.AppsV1Api(self.api)
 
-    def new_api_client(self) -> client.ApiClient:
-        """A separate ApiClient (own connection pool) from the same kubeconfig."""
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+    def new_api_client(self, server: str = "") -> client.ApiClient:
+        """A separate ApiClient (own connection pool) from the same kubeconfig; `server`: dial this
+        URL instead (e.g. a proxy in front of the API server; the certificate names 127.0.0.1)."""
+        path = self.kubeconfig
+        if server:
+            path = self.dir / f"kubeconfig-{uuid.uuid4().hex[:8]}"
+            path.write_text(self.kubeconfig.read_text().replace(f'"{self.server}"', f'"{server}"'))
+        return config.new_client_from_config(config_file=str(path))
 
     def create_namespace(self, prefix: str = "t") -> str:
         name = f"{_dns_label(prefix)[:40]}-{uuid.uuid4().hex[:8]}"

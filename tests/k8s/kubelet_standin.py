@@ -75,8 +75,11 @@ class KubeletStandIn:
         self.core.patch_namespaced_pod_status(name, self.namespace, {"status": status})
         return ip
 
-    def start_pending(self, label_selector: str = "", ready: bool = True) -> dict[str, str]:
-        """Start every pod of the selector that is still Pending; name -> IP."""
+    def start_pending(self, label_selector: str = "", ready: bool = True, count: int = 0) -> dict[str, str]:
+        """Start every pod of the selector that is still Pending (once the controllers made `count`
+        live pods of it, if given); name -> IP."""
+        if count:
+            self.wait_pods(label_selector, count)
         started = {}
         for p in self.pods(label_selector):
             if p.metadata.deletion_timestamp is None and (p.status.phase or "Pending") == "Pending":
