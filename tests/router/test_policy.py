@@ -355,3 +355,58 @@ def test_plugins_register_by_name_and_unknown_names_fail() -> None:
         assert Profile.build("p", spec, CFG).rank(request(1), [cand("a")]).scores == {"a": 0.5}
     finally:
         del Scorer.registry["test_constant"]
+
+
+# -- the seed's options chosen on traces (issue: the router wins on every trace) -------------------
+def _ranked(cfg: PolicyConfig, req: RouteRequest, cands: list[Candidate]) -> list[str]:
+    return [c.worker_id for c in Profile.build("prefill", cfg.prefill_spec(), cfg).rank(req, cands).ordered]
+
+
+def test_host_tier_residency_counts_under_the_seed_when_credited() -> None:
+    req = request(160, {"evicted": PrefixHit(raw_blocks=0, safe_blocks=0, l2_blocks=9)})
+    cands = [cand("evicted", queued_tokens=40), cand("idle")]
+    assert _ranked(replace(CFG, seed_l2_credit=True), req, cands)[0] == "evicted"
+    assert _ranked(CFG, req, cands)[0] == "idle"  # without the credit the L2 copy is invisible
+    s = PrefixMatchScorer(replace(CFG, seed_l2_credit=True)).score(req, cands)
+    assert s[0] == pytest.approx(CFG.tier_credit.l2 * 9 / 10) and s[1] == 0  # 9 of the 10 pages
+    l2 = replace(CFG, seed_l2_credit=True)
+    assert (
+        Profile.build("prefill", l2.prefill_spec(), l2).reads_l2
+        and not Profile.build("prefill", CFG.prefill_spec(), CFG).reads_l2
+    )
+
+
+def test_absolute_match_length_weighs_tokens_not_the_fraction() -> None:
+    long_req = request(32_000, {"w": PrefixHit(30_000 // PAGE, 30_000 // PAGE)})
+    short_req = request(320, {"w": PrefixHit(300 // PAGE, 300 // PAGE)})
+    frac = PrefixMatchScorer(CFG)
+    absolute = PrefixMatchScorer(replace(CFG, match_scale_tokens=32_000))
+    w = [cand("w")]
+    assert frac.score(long_req, w)[0] == pytest.approx(frac.score(short_req, w)[0], abs=0.05)
+    assert absolute.score(long_req, w)[0] > 50 * absolute.score(short_req, w)[0]
+
+
+@pytest.mark.parametrize(("holder_load", "winner"), [(50_000, "holder"), (200_000, "idle")])
+def test_sticky_until_saturated(holder_load: int, winner: str) -> None:
+    cfg = replace(CFG, saturation_s=1.0, prefill_tokens_per_s=100_000)
+    req = request(1600, {"holder": PrefixHit(50, 50)})
+    cands = [cand("holder", queued_tokens=holder_load), cand("idle")]
+    assert _ranked(cfg, req, cands)[0] == winner
+    assert _ranked(CFG, req, cands)[0] == "idle"  # the seed alone: the busiest candidate loses
+
+
+def test_a_raw_match_is_credited_under_the_seed_only_when_asked() -> None:
+    req = request(1600, {"sibling": PrefixHit(raw_blocks=80, safe_blocks=0)})
+    cands = [cand("sibling", queued_tokens=100), cand("idle")]
+    assert _ranked(replace(CFG, seed_raw_credit=0.5), req, cands)[0] == "sibling"
+    assert _ranked(CFG, req, cands)[0] == "idle"
+
+
+@pytest.mark.parametrize("load_norm", ["busiest", "prompt"])
+def test_load_norm_measures_the_backlog_against_the_busiest_or_the_prompt(load_norm: str) -> None:
+    req = request(1000)
+    cands = [cand("a", queued_tokens=4000), cand("b", queued_tokens=2000)]
+    s = LoadScorer(replace(CFG, load_norm=load_norm)).score(req, cands)
+    assert s == ([0.0, 0.5] if load_norm == "busiest" else [-3.0, -1.0])
+    with pytest.raises(ValueError):
+        replace(CFG, load_norm="queue")

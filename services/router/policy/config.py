@@ -138,6 +138,16 @@ class PolicyConfig:
     window: int = 128  # SWA window of the model (0: no SWA layers); the index's window-safe match
     prefill_profile: ProfileSpec | None = None
     decode_profile: ProfileSpec | None = None
+    seed_raw_credit: float = (
+        0.0  # seed: credit of full-KV-only matched blocks (a branch the worker checkpoints)
+    )
+    seed_l2_credit: bool = False  # seed: host-tier (L2) blocks count, at tier_credit.l2
+    load_norm: str = (
+        "busiest"  # seed: normalized_load = load / max(busiest|0, prompt, floor): "busiest" | "prompt"
+    )
+    saturation_s: float = 0.0  # seed: the holder wins while its backlog is below this (0: off)
+    sticky_weight: float = 10.0  # seed: weight of the sticky scorer (above the others' range)
+    match_scale_tokens: int = 0  # seed: > 0 scores matched tokens / this, not the matched fraction
     pending: bool = True  # routing-time residency: a decision counts as the worker's cache at once
     pending_ttl_base_s: float = 2.0  # a pending entry lives base + factor x its expected prefill time
     pending_ttl_factor: float = 2.0
@@ -152,6 +162,10 @@ class PolicyConfig:
             raise ValueError("match_weight, affinity_match_weight and load_floor_tokens must be >= 0")
         if not 0 < self.pending_ttl_base_s <= self.pending_ttl_max_s or self.pending_ttl_factor < 0:
             raise ValueError("pending TTL: base > 0, factor >= 0, max >= base")
+        if self.load_norm not in ("busiest", "prompt"):
+            raise ValueError("load_norm must be 'busiest' or 'prompt'")
+        if not 0.0 <= self.seed_raw_credit <= 1.0 or self.saturation_s < 0 or self.match_scale_tokens < 0:
+            raise ValueError("seed_raw_credit in [0, 1], saturation_s >= 0, match_scale_tokens >= 0")
         if not 0.0 <= self.raw_match_credit <= 1.0:
             raise ValueError("raw_match_credit must be in [0, 1]")
         if self.prefill_profile is None and self.prefill_policy not in PREFILL_PRESETS:
@@ -205,7 +219,10 @@ class PolicyConfig:
 
 
 def _seed(c: PolicyConfig) -> ProfileSpec:
-    return ProfileSpec(PREFILL_FILTERS, (("prefix_match", c.match_weight), ("load", 1.0)))
+    scorers: tuple[tuple[str, float], ...] = (("prefix_match", c.match_weight), ("load", 1.0))
+    if c.saturation_s > 0:
+        scorers += (("sticky", c.sticky_weight),)
+    return ProfileSpec(PREFILL_FILTERS, scorers)
 
 
 def _affinity(c: PolicyConfig) -> ProfileSpec:
@@ -243,6 +260,20 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
         type=parse_buckets,
         help="prefill pools by prompt length: short:64K,medium:256K,long:1M",
     )
+    g.add_argument("--seed-raw-credit", type=float, help="seed: credit of full-KV-only matched blocks")
+    g.add_argument(
+        "--seed-l2-credit", action=argparse.BooleanOptionalAction, default=None,
+        help="seed: blocks the worker's host tier (L2) can restore count, at the tier credit",
+    )  # fmt: skip
+    g.add_argument(
+        "--load-norm", choices=["busiest", "prompt"], help="seed: what the load is measured against"
+    )
+    g.add_argument(
+        "--saturation-s", type=float, help="seed: the holder wins below this backlog, seconds (0: off)"
+    )
+    g.add_argument(
+        "--match-scale-tokens", type=parse_tokens, help="seed: score matched tokens / this (0: fraction)"
+    )
     g.add_argument(
         "--pending", action=argparse.BooleanOptionalAction, default=None,
         help="routing-time residency: a routed prompt counts as its worker's cache until events replace it (on)",
@@ -264,6 +295,11 @@ _FLAG_FIELDS = {
     "page_size": "page_size",
     "kv_window": "window",
     "pending": "pending",
+    "seed_raw_credit": "seed_raw_credit",
+    "seed_l2_credit": "seed_l2_credit",
+    "load_norm": "load_norm",
+    "saturation_s": "saturation_s",
+    "match_scale_tokens": "match_scale_tokens",
     "pending_ttl_max": "pending_ttl_max_s",
 }
 

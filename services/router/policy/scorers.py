@@ -45,27 +45,45 @@ from collections.abc import Sequence
 from services.router.policy.base import Candidate, RouteRequest, Scorer
 
 
-def _match_fractions(req: RouteRequest, cands: Sequence[Candidate], raw_credit: float) -> list[float]:
-    """(window-safe blocks + raw_credit x full-KV-only blocks beyond them) / the prompt's blocks."""
+def _match_fractions(
+    req: RouteRequest,
+    cands: Sequence[Candidate],
+    raw_credit: float,
+    l2_credit: float = 0.0,
+    scale_tokens: int = 0,
+) -> list[float]:
+    """(window-safe blocks + raw_credit x full-KV-only blocks beyond them + l2_credit x host-tier
+    blocks beyond both) / the prompt's blocks; with `scale_tokens` > 0, matched tokens / scale_tokens
+    instead (absolute: a 30k-token hit outweighs a 300-token one whatever the prompts' lengths)."""
     n = req.query_blocks
     if n == 0 or not req.index_usable:
         return [0.0] * len(cands)
+    denom = scale_tokens / req.page_size if scale_tokens > 0 else n
     out = []
     for c in cands:
         hit = req.hit(c)
         safe = min(hit.safe_blocks, n)
         raw = min(max(hit.raw_blocks, safe), n)
-        out.append((safe + raw_credit * (raw - safe)) / n)
+        l2 = min(max(hit.l2_blocks, safe), n)
+        out.append((safe + raw_credit * (raw - safe) + l2_credit * max(0, l2 - max(raw, safe))) / denom)
     return out
 
 
 class PrefixMatchScorer(Scorer):
-    """The window-safe fraction of the prompt's full pages cached on the worker (L1)."""
+    """The seed's prefix_match_fraction: the window-safe fraction of the prompt's full pages cached
+    on the worker (L1), plus `seed_raw_credit` x its full-KV-only pages beyond them and the tier's
+    credit x the pages its host tier (L2) can restore beyond both (0 credits: window-safe L1 only)."""
 
     name = "prefix_match"
 
+    @property
+    def reads_l2(self) -> bool:  # type: ignore[override]
+        return self.config.tier_credit.l2 > 0 and self.config.seed_l2_credit
+
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
-        return _match_fractions(req, cands, 0.0)
+        cfg = self.config
+        l2 = cfg.tier_credit.l2 if cfg.seed_l2_credit else 0.0
+        return _match_fractions(req, cands, cfg.seed_raw_credit, l2, cfg.match_scale_tokens)
 
 
 class RawPrefixMatchScorer(Scorer):
@@ -74,18 +92,49 @@ class RawPrefixMatchScorer(Scorer):
     name = "prefix_match_raw"
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
-        return _match_fractions(req, cands, self.config.raw_match_credit)
+        return _match_fractions(req, cands, self.config.raw_match_credit, 0.0)
 
 
 class LoadScorer(Scorer):
-    """1 - normalized_load (see the module doc)."""
+    """1 - normalized_load (see the module doc); `load_norm` says what the load is measured against:
+    "busiest" (the busiest candidate, the prompt and the floor: in [0, 1]) or "prompt" (the prompt
+    and the floor only: a backlog of k prompts is k, whatever the other candidates carry)."""
 
     name = "load"
 
     def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
         loads = [c.load_tokens for c in cands]
-        denom = max(max(loads, default=0), req.prompt_len, self.config.load_floor_tokens, 1)
+        busiest = max(loads, default=0) if self.config.load_norm == "busiest" else 0
+        denom = max(busiest, req.prompt_len, self.config.load_floor_tokens, 1)
         return [1.0 - load / denom for load in loads]
+
+
+class StickyScorer(Scorer):
+    """Sticky until saturated: 1 for the candidates holding the longest cached prefix of the prompt
+    (the seed's match, > 0) whose backlog is below `saturation_s` seconds of prefill at their speed,
+    0 for the others. With a weight above the other scorers' range the holder wins until it is
+    saturated; past that the seed's terms decide alone."""
+
+    name = "sticky"
+
+    @property
+    def reads_l2(self) -> bool:  # type: ignore[override]
+        return self.config.tier_credit.l2 > 0 and self.config.seed_l2_credit
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        cfg = self.config
+        if cfg.saturation_s <= 0:
+            return [0.0] * len(cands)
+        l2 = cfg.tier_credit.l2 if cfg.seed_l2_credit else 0.0
+        match = _match_fractions(req, cands, cfg.seed_raw_credit, l2)
+        best = max(match, default=0.0)
+        if best <= 0:
+            return [0.0] * len(cands)
+        out = []
+        for c, m in zip(cands, match, strict=True):
+            tps = c.tokens_per_s or cfg.prefill_tokens_per_s
+            out.append(1.0 if m >= best - 1e-12 and c.load_tokens / tps < cfg.saturation_s else 0.0)
+        return out
 
 
 class AbsoluteLoadScorer(Scorer):
