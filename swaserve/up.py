@@ -94,33 +94,31 @@ class Child:
         return "\n".join("    " + line for line in text[-lines:])
 
 
-def grpc_healthy(addr: str, role: str) -> Callable[[], bool]:
-    import grpc
-
-    from services.proto_gen import worker_pb2, worker_pb2_grpc
-
-    channel = grpc.insecure_channel(addr)
-    stub_cls = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
-    stub = stub_cls(channel)
+def http_ready(port: int) -> Callable[[], bool]:
+    """A worker's readiness probe (GET /ready on its metrics port: engine loaded, registered)."""
 
     def check() -> bool:
         try:
-            return bool(stub.Health(worker_pb2.HealthRequest(), timeout=1.0).ready)
-        except grpc.RpcError:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1.0) as r:
+                return r.status == 200
+        except (OSError, ValueError):  # 503 (an HTTPError), refused, timed out
             return False
 
     return check
 
 
 def router_healthy(port: int, prefill: int, decode: int) -> Callable[[], bool]:
+    """The router's readiness probe (GET /ready: 200 once a prefill and a decode worker are
+    routable), and every worker this launcher started routable."""
+
     def check() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1.0) as r:
                 body = json.loads(r.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # 503 until ready
             return False
         return bool(
-            body.get("status") == "ok"
+            body.get("status") == "ready"
             and body.get("prefill_workers", 0) >= prefill
             and body.get("decode_workers", 0) >= decode
         )
@@ -265,9 +263,7 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
             if role == "decode" and args.decode_pending_ttl is not None:
                 argv += ["--pending-ttl", str(args.decode_pending_ttl)]
             name = f"{role}-{i}"
-            children.append(
-                Child(name, argv, run_dir / f"{name}.log", grpc_healthy(f"127.0.0.1:{port}", role))
-            )
+            children.append(Child(name, argv, run_dir / f"{name}.log", http_ready(mport)))
     router_argv = [
         sys.executable, "-m", "services.router.main", "--host", args.host, "--port", str(args.port),
         "--model", args.model, "--redis-url", redis_url, "--kv-transport", args.kv_transport,
@@ -366,7 +362,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
         f"{DEFAULT_L3_HOST_TOKENS} tokens unless --prefill-args sets --host-kv-tokens)",
     )  # fmt: skip
     u.add_argument("--gcache-memory", default="1G", help="memory tier of each GCache node (K/M/G)")
-    u.add_argument("--gcache-disk", default="4G", help="disk tier of each GCache node, in the run dir (0: none)")
+    u.add_argument(
+        "--gcache-disk", default="4G", help="disk tier of each GCache node, in the run dir (0: none)"
+    )
     u.add_argument(
         "--decode-reserve-ttl", type=float, default=None,
         help="seconds a decode reservation waits for its KV (the decode worker's default: 30)",

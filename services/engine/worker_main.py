@@ -2,7 +2,8 @@
 
 load the engine -> EngineLoop thread -> gRPC server (+ the role's servicers) -> /metrics
 -> register in Redis (TTL heartbeat with load) [-> publish KV cache events, prefill]
--> wait for SIGTERM / SIGINT -> deregister, clear the KV events state -> stop accepting RPCs
+(GET /ready on the metrics port says 200 from here on: WorkerReadiness)
+-> wait for SIGTERM / SIGINT (/ready 503 again) -> deregister, clear the KV events state -> stop accepting RPCs
 (grace) -> stop the loop
 """
 
@@ -25,10 +26,11 @@ import grpc
 from services.common.block_hash import BlockHash
 from services.common.grpc_server import make_server
 from services.common.kv_event_bus import KVEventPublisher
+from services.common.probe_http import ProbeServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.engine.engine import Engine, EngineConfig
 from services.engine.engine_loop import EngineLoop
-from services.engine.loop_metrics import L3Collector, serve_metrics
+from services.engine.loop_metrics import L3Collector
 from services.engine.model_store import resolve_model
 
 log = logging.getLogger(__name__)
@@ -177,7 +179,9 @@ def attach_l3(engine: Engine, args: argparse.Namespace) -> Any:
     from services.gcache.client import GCacheClient
 
     client = GCacheClient(args.gcache_redis_url)
-    engine.attach_l3(client, args.l3_model_name or args.model, max_inflight_bytes=args.l3_max_inflight_mb << 20)
+    engine.attach_l3(
+        client, args.l3_model_name or args.model, max_inflight_bytes=args.l3_max_inflight_mb << 20
+    )
     engine.l3_wait = args.l3_lookup_timeout
     log.info("L3: GCache at %s, namespace %s", args.gcache_redis_url, engine.l3.ns if engine.l3 else "")
     return client
@@ -186,11 +190,43 @@ def attach_l3(engine: Engine, args: argparse.Namespace) -> Any:
 BuildFn = Callable[[EngineLoop, grpc.Server, Any], Built]
 
 
+@dataclass
+class WorkerReadiness:
+    """What the worker's GET /ready answers (services/common/probe_http.py): ready once the engine
+    is loaded and its loop runs, the gRPC server serves, and (with --redis-url) the first registration
+    reached Redis; not ready again once shutting down or if the engine loop died. A later Redis outage
+    does not make it unready: routers keep routing to known workers through one."""
+
+    needs_registry: bool = False
+    loop: EngineLoop | None = None  # set once serving
+    registry: WorkerRegistry | None = None
+    stopping: bool = False
+    registered: bool = False
+
+    def check(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "shutting_down"
+        if self.loop is None:
+            return False, "loading"
+        if not self.loop.alive:
+            return False, "engine_stopped"
+        if self.needs_registry and not self.registered:
+            if self.registry is None or not self.registry.healthy:
+                return False, "not_registered"
+            self.registered = True
+        return True, ""
+
+
 def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> int:
     """Run a worker until SIGTERM / SIGINT. `build(loop, server, metrics)` adds the role's servicers."""
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s"
     )
+    ready = WorkerReadiness(needs_registry=bool(args.redis_url))
+    probes, metrics_addr = None, ""
+    if args.metrics_port:  # first: liveness answers while the engine loads, readiness says "loading"
+        probes = ProbeServer(metrics.registry, args.metrics_port, args.host, ready.check)
+        metrics_addr = f"{args.advertise_host}:{probes.port}"
     model_dir = resolve_model(args.model)
     engine = Engine.from_dir(model_dir, engine_config(args))
     l3_client = attach_l3(engine, args)
@@ -199,10 +235,6 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
     built = build(loop, server, metrics)
     if engine.l3 is not None:
         metrics.registry.register(L3Collector(role, engine.l3.counters_dict))
-    metrics_addr = ""
-    if args.metrics_port:
-        mport = serve_metrics(metrics.registry, args.metrics_port, args.host)
-        metrics_addr = f"{args.advertise_host}:{mport}"
     server.start()
     addr = f"{args.advertise_host}:{port}"
     registry = None
@@ -225,6 +257,7 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
     if registry is not None and built.kv_events:  # keyed like the registry: on_leave forgets by it
         kv_events = attach_kv_events(loop, args.redis_url, worker_id=record.worker_id, epoch=record.start_id)
         l2_events = attach_l2_events(loop, args.redis_url, worker_id=record.worker_id, epoch=record.start_id)
+    ready.loop, ready.registry = loop, registry
     print(
         f"swaserve {role} worker ready on {addr} (model {args.model}"
         + (f", metrics http://{metrics_addr}/metrics" if metrics_addr else "")
@@ -236,6 +269,7 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("%s: signal %d, shutting down", role, signum)
+        ready.stopping = True
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -258,4 +292,6 @@ def serve(role: str, args: argparse.Namespace, build: BuildFn, metrics: Any) -> 
         engine.l3.close()
     if l3_client is not None:
         l3_client.close()
+    if probes is not None:
+        probes.close()
     return code
