@@ -114,15 +114,16 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- end }}
 {{- end -}}
 
-{{/* resources with the GPU count folded into limits */}}
+{{/* resources with the GPU count folded into limits; every quantity a string (server-side apply
+     refuses numbers there) */}}
 {{- define "swaserve.resources" -}}
-{{- $limits := deepCopy (default dict .resources.limits) -}}
-{{- if gt (int64 (default 0 .gpus)) 0 -}}
-{{- $_ := set $limits "nvidia.com/gpu" (int64 .gpus) -}}
-{{- end -}}
 {{- $out := dict -}}
-{{- with .resources.requests }}{{ $_ := set $out "requests" . }}{{ end -}}
-{{- with $limits }}{{ $_ := set $out "limits" . }}{{ end -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- $q := dict -}}
+{{- range $k, $v := (index $.resources $kind | default dict) }}{{ $_ := set $q $k (toString $v) }}{{ end -}}
+{{- if and (eq $kind "limits") (gt (int64 (default 0 $.gpus)) 0) }}{{ $_ := set $q "nvidia.com/gpu" (toString (int64 $.gpus)) }}{{ end -}}
+{{- with $q }}{{ $_ := set $out $kind . }}{{ end -}}
+{{- end -}}
 {{- toYaml $out -}}
 {{- end -}}
 
@@ -374,7 +375,7 @@ spec:
           {{- if and (eq .role "prefill") $root.Values.gcache.enabled $root.Values.gcache.sameHostShm }}
           hostPath: {path: /dev/shm, type: Directory}
           {{- else }}
-          emptyDir: {medium: Memory, sizeLimit: {{ $s.shmSize }}}
+          emptyDir: {medium: Memory, sizeLimit: {{ $s.shmSize | toString | quote }}}
           {{- end }}
 {{- end -}}
 

@@ -146,7 +146,7 @@ def test_pools_are_one_deployment_each_deep_merged_over_defaults() -> None:
     assert short["spec"]["replicas"] == 4 and long["spec"]["replicas"] == 1
     assert container(long)["resources"]["requests"]["memory"] == "128Gi"
     assert container(short)["resources"]["requests"]["memory"] == "64Gi"
-    assert container(short)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container(short)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # the range is a pod label outside the selector; the bucket name is in both
     tpl = long["spec"]["template"]["metadata"]["labels"]
     assert (tpl["swaserve.io/min-tokens"], tpl["swaserve.io/max-tokens"]) == ("262144", "1048576")
