@@ -174,3 +174,30 @@ def test_hash_blocks_same_for_every_input_type_on_long_random_prompts(seed: int)
 def test_bad_token_arrays_raise(bad: object) -> None:
     with pytest.raises(ValueError):
         hash_blocks(bad, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("page", [1, 16, 22, 23, 64, 300])  # messages of 1 block, of exactly 2, of several
+def test_c_chain_and_hashlib_chain_give_the_reference_hashes(page: int) -> None:
+    from services.common import block_hash as bh
+
+    if bh._NATIVE is None:
+        pytest.skip(f"{bh.NATIVE_LIBRARY.name} not built (scripts/setup.sh builds it with cc)")
+    rng = random.Random(page)
+    tokens = [rng.choice([0, 2**32 - 1, rng.randrange(2**32)]) for _ in range(page * rng.randrange(1, 40))]
+    msgs = bh._page_messages(np.array(tokens, dtype=np.uint32), page)
+    parent = rng.randbytes(16)
+    h, want = int.from_bytes(parent, "big"), b""
+    for i in range(len(tokens) // page):
+        h = reference_hash(h, tokens[i * page : (i + 1) * page], None)
+        want += h.to_bytes(16, "big")
+    assert bh._chain(msgs, parent) == bh._chain_python(msgs, parent) == want
+
+
+def test_pure_python_hashing_is_chosen_by_the_environment() -> None:
+    code = (
+        "from services.common import block_hash as b; print(b._NATIVE is None, b.hash_blocks([1] * 32, 16))"
+    )
+    env = dict(os.environ, SWASERVE_PURE_HASH="1")
+    pure = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert pure.stdout.startswith("True ")
+    assert pure.stdout.split(" ", 1)[1].strip() == str(hash_blocks([1] * 32, 16))
