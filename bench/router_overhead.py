@@ -24,7 +24,9 @@ hit on one worker), half are new (only the system prompt hits, on every worker).
              published by one KVEventPublisher per worker), so its decisions are cache-aware as in
              the decision bench (`--router-index empty`: an empty index, every request a miss).
 
-Goals: decision p99 <= 2 ms; HTTP adds <= 3 ms p50. The index is services.common.prefix_index when
+Goals: decision p99 <= 2 ms; HTTP adds <= 3 ms p50. Absolute milliseconds differ ~2x between machines
+of one kind, so the table's last column also gives each figure over the direct gRPC Prefill's p50
+(same prompt length, same run): a router that adds 1.0x adds as much as the call it routes. The index is services.common.prefix_index when
 importable, else the tests' FakePrefixIndex (the table says which).
 
     python bench/router_overhead.py [--quick] [--workers 64] [--prompt-tokens 32768] [--page-size 64]
@@ -408,6 +410,8 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http: dict[str, Any]) -> None:
+    """The table; its last column divides each p50 by the direct gRPC Prefill's p50 of the same prompt
+    length in the same run (the decision by the first prompt length's), so that machines compare."""
     ms = 1e3
     tot = dec["total"]
     blocks = args.prompt_tokens // args.page_size
@@ -421,37 +425,40 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
         + ", ".join(f"{k} {statistics.median(v) * ms:.3f}" for k, v in dec["by_kind"].items())
     )
     print(f"\n## Router overhead ({args.workers} prefill workers, {args.prompt_tokens}-token prompts = {blocks} "
-          f"blocks of {args.page_size}; index: {cluster.index_name}; {os.cpu_count()} cores)")  # fmt: skip
-    print("| measurement | p50 ms | p99 ms | per s | goal | met |")
-    print("|---|---|---|---|---|---|")
+          f"blocks of {args.page_size}; index: {cluster.index_name}; {os.cpu_count()} cores; "
+          f"load average {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print("| measurement | p50 ms | p99 ms | per s | goal | met | p50 / direct p50 |")
+    print("|---|---|---|---|---|---|---|")
+    first = statistics.median(next(iter(http.values()))["direct"])
     p99 = pct(tot, 0.99)
     print(f"| decision (hash + candidates + match + score + pick), n={len(tot)} | {statistics.median(tot) * ms:.3f} "
-          f"| {p99 * ms:.3f} | {1 / statistics.mean(tot):,.0f} | p99 <= 2 ms | {'yes' if p99 <= 0.002 else 'NO'} |")  # fmt: skip
+          f"| {p99 * ms:.3f} | {1 / statistics.mean(tot):,.0f} | p99 <= 2 ms | {'yes' if p99 <= 0.002 else 'NO'} "
+          f"| {statistics.median(tot) / first:.2f} (p99 {p99 / first:.2f}) |")  # fmt: skip
     if "reasons" in http["32k"]:
         print(f"router's decisions over HTTP (32k): {http['32k']['reasons']}")
     for label, run in http.items():
         via, direct, plain = run["via"], run["direct"], run["direct_plain"]
         v50, d50 = statistics.median(via), statistics.median(direct)
         added = v50 - d50
+        ratio = {k: statistics.median(run[k]) / d50 for k in ("via", "direct_plain", "via_httpx")}
         print(f"| direct gRPC Prefill to a fake worker, {label} prompt packed | {d50 * ms:.2f} "
-              f"| {pct(direct, 0.99) * ms:.2f} | {1 / statistics.mean(direct):,.0f} | | |")  # fmt: skip
+              f"| {pct(direct, 0.99) * ms:.2f} | {1 / statistics.mean(direct):,.0f} | | | 1 |")  # fmt: skip
         print(f"| (the same, prompt as repeated int32 prompt_ids) | {statistics.median(plain) * ms:.2f} "
-              f"| {pct(plain, 0.99) * ms:.2f} | {1 / statistics.mean(plain):,.0f} | | |")  # fmt: skip
+              f"| {pct(plain, 0.99) * ms:.2f} | {1 / statistics.mean(plain):,.0f} | | | {ratio['direct_plain']:.2f} |")  # fmt: skip
         goal = "<= 3 ms" if label == "32k" else ""
         met = ("yes" if added <= 0.003 else "NO") if goal else ""
         print(f"| via router HTTP (Reserve + Prefill), {label} prompt | {v50 * ms:.2f} | {pct(via, 0.99) * ms:.2f} "
-              f"| {1 / statistics.mean(via):,.0f} | | |")  # fmt: skip
+              f"| {1 / statistics.mean(via):,.0f} | | | {ratio['via']:.2f} |")  # fmt: skip
         vx = run["via_httpx"]
         print(f"| (the same, client httpx: adds {(statistics.median(vx) - d50) * ms:.2f}) | {statistics.median(vx) * ms:.2f} "
-              f"| {pct(vx, 0.99) * ms:.2f} | {1 / statistics.mean(vx):,.0f} | | |")  # fmt: skip
+              f"| {pct(vx, 0.99) * ms:.2f} | {1 / statistics.mean(vx):,.0f} | | | {ratio['via_httpx']:.2f} |")  # fmt: skip
         print(f"| router adds, {label} prompt (p50 difference to packed direct) | {added * ms:.2f} | | | {goal} "
-              f"| {met} |")  # fmt: skip
+              f"| {met} | {added / d50:.2f} |")  # fmt: skip
         conv, new = statistics.median(run["via_conv"]) - d50, statistics.median(run["via_new"]) - d50
         print(f"| (router adds: next turn of a conversation / new conversation) | {conv * ms:.2f} / {new * ms:.2f} "
-              f"| | | | |")  # fmt: skip
-        print(
-            f"| router CPU per request, {label} prompt (all its threads) | {run['router_cpu'] * ms:.2f} | | | | |"
-        )
+              f"| | | | | {conv / d50:.2f} / {new / d50:.2f} |")  # fmt: skip
+        print(f"| router CPU per request, {label} prompt (all its threads) | {run['router_cpu'] * ms:.2f} | | | | "
+              f"| {run['router_cpu'] / d50:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
