@@ -360,7 +360,7 @@ spec:
         ports:
         - {name: grpc, containerPort: 7000, protocol: TCP}
         - {name: metrics, containerPort: 9090, protocol: TCP}
-        {{- include "swaserve.probes" (dict "probes" $s.probes "startup" "tcpSocket: {port: grpc}" "liveness" "tcpSocket: {port: grpc}" "readiness" "tcpSocket: {port: grpc}") | trim | nindent 8 }}
+        {{- include "swaserve.probes" (dict "probes" $s.probes "startup" "httpGet: {path: /health, port: metrics}" "liveness" "httpGet: {path: /health, port: metrics}" "readiness" "httpGet: {path: /ready, port: metrics}") | trim | nindent 8 }}
         resources:
           {{- with (include "swaserve.resources" (dict "resources" $s.resources "gpus" $s.gpus) | trim) }}{{ . | nindent 10 }}{{ end }}
         securityContext:
@@ -383,6 +383,8 @@ spec:
 {{- define "swaserve.routerDiscoveryArgs" -}}
 {{- if eq .Values.router.discovery "kubernetes" -}}
 - --discovery=kubernetes
+- --k8s-namespace=$(POD_NAMESPACE)
+- --k8s-label-selector=app.kubernetes.io/name={{ include "swaserve.name" . }},app.kubernetes.io/instance={{ .Release.Name }}
 {{- else -}}
 - --discovery=redis
 {{- end -}}

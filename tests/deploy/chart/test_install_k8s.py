@@ -132,14 +132,23 @@ def test_install_upgrade_uninstall(cfg: helm.Config, k8s_cluster: K8sCluster, k8
     assert env["SWASERVE_WORKER_ID"].value == "$(POD_NAME)"
     assert c.resources.limits == {"nvidia.com/gpu": "1"}  # the API server copies a GPU limit into requests
     assert c.resources.requests == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
-    assert c.startup_probe.tcp_socket.port == "grpc" and c.startup_probe.failure_threshold == 180
-    assert c.readiness_probe.tcp_socket.port == "grpc"
+    assert (c.startup_probe.http_get.path, c.startup_probe.http_get.port) == ("/health", "metrics")
+    assert (c.readiness_probe.http_get.path, c.readiness_probe.http_get.port) == ("/ready", "metrics")
+    assert (
+        flag_map(c.args)["--metrics-port"] == "9090"
+        and {p.name: p.container_port for p in c.ports}["metrics"] == 9090
+    )
     assert lp.spec.init_containers[0].args[:2] == ["model", "init"]
     assert lp.spec.security_context.run_as_user == 10001
 
     router = pods(core, ns, "app.kubernetes.io/component=router")[0]
     rc = router.spec.containers[0]
     assert rc.args[0] == "router" and flag_map(rc.args)["--length-buckets"] == "short:4096,long:131072"
+    rf = flag_map(rc.args)
+    assert (rf["--discovery"], rf["--k8s-namespace"]) == ("kubernetes", "$(POD_NAMESPACE)")
+    assert (
+        rf["--k8s-label-selector"] == f"app.kubernetes.io/name=swaserve,app.kubernetes.io/instance={RELEASE}"
+    )
     assert rc.readiness_probe.http_get.path == "/ready" and rc.liveness_probe.http_get.path == "/health"
     assert router.spec.service_account_name == "sw-swaserve-router"
     rbac = client.RbacAuthorizationV1Api(k8s_cluster.api)
