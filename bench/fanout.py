@@ -25,11 +25,10 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,9 +41,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 
 from bench.compare import accuracy  # noqa: E402
-from bench.compare.fleet import OUR_MODEL, POLICIES, FleetSpec, Policy, router_argv, start_fleet  # noqa: E402
-from bench.sim.launch import stop  # noqa: E402
-from services.common.netutil import free_port  # noqa: E402
+from bench.compare.fleet import OUR_MODEL, POLICIES, FleetSpec, start_fleet  # noqa: E402
 from services.common.registry import WorkerRegistry  # noqa: E402
 
 VOCAB = (100, 150_000)  # token ids drawn from [low, high): inside mimo-tiny's 152,576
@@ -106,54 +103,23 @@ class Setup:
 
 
 # -- the fleet ------------------------------------------------------------------------------------
-def _ready(base: str, spec: FleetSpec) -> bool:
-    try:
-        h = httpx.get(f"{base}/health", timeout=2).json()
-        if h.get("prefill_workers") != spec.workers or h.get("decode_workers") != spec.decode_workers:
-            return False
-        return "swaserve_router_index_usable 1" in httpx.get(f"{base}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return False
-
-
-@contextmanager
-def _router(policy: Policy, spec: FleetSpec, redis_url: str, log: Path) -> Iterator[str]:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        argv = router_argv(policy, port, [], redis_url, spec.window)
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while not _ready(base, spec):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"router replica not ready:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        stop(proc)
-
-
 @dataclass
 class Routers:
-    burst: list[str]  # replica base URLs; [0] is start_fleet's
-    load: str  # the background load's router
+    burst: list[str]  # replica base URLs
+    load: str  # the background load's router (same Redis; its requests are not counted)
     redis_url: str
 
 
 @contextmanager
 def fleet(setup: Setup, window: int, logdir: Path) -> Iterator[Routers]:
+    """bench/compare/fleet.py's fleet with `replicas` + 1 routers: the last carries the load."""
     policy = POLICIES[setup.policy]
     if policy.router != "swaserve":
         raise ValueError(f"--policy must be one of our router's presets, not {setup.policy}")
-    spec = FleetSpec(setup.workers, setup.time_scale, decode_workers=setup.decode_workers, window=window)
-    with ExitStack() as stack:
-        first = stack.enter_context(start_fleet(policy, spec, logdir))
-        more = [
-            stack.enter_context(_router(policy, spec, first.redis_url, logdir / f"router-{i}.log"))
-            for i in range(1, setup.replicas + 1)
-        ]
-        yield Routers([first.target, *more[:-1]], more[-1], first.redis_url)
+    spec = FleetSpec(setup.workers, setup.time_scale, decode_workers=setup.decode_workers, window=window,
+                     router_replicas=setup.replicas + 1)  # fmt: skip
+    with start_fleet(policy, spec, logdir) as f:
+        yield Routers(f.targets[:-1], f.targets[-1], f.redis_url)
 
 
 # -- one round ------------------------------------------------------------------------------------
