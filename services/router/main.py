@@ -1,4 +1,5 @@
-"""Run the router: `python -m services.router.main --port P --model NAME (--redis-url URL | --prefill ADDR --decode ADDR)`.
+"""Run the router: `python -m services.router.main --port P --model NAME (--redis-url URL | --prefill ADDR --decode ADDR)`;
+with `--discovery kubernetes` the Ready worker pods are the routable workers (docs/discovery.md).
 
 The router never builds a model (that imports torch): a known model name resolves to its directory
 under the swaserve home, which the workers build; the router waits for it to appear.
