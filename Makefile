@@ -48,5 +48,12 @@ chart: setup
 bench: setup
 	$(PY) bench/engine.py --quick
 
+# the container image (Containerfile) without a daemon: mmdebstrap base, buildah build, podman smoke run,
+# docker-archive tarball; VARIANT=cpu|cuda (docs/deploy-image.md)
+.PHONY: image
+VARIANT ?= cpu
+image: setup
+	VARIANT=$(VARIANT) bash scripts/image/build.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
