@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                   a.policy, a.seed)  # fmt: skip
     rounds = plan_rounds(prefixes, a.replicas, a.repeats or (1 if a.quick else 2))
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / ".gitignore").write_text("*\n")  # results and logs stay out of git
     results = [r for w in windows for r in run_window(setup, w, rounds, a.out_dir)]
     body = {"simulated": True, "setup": asdict(setup) | {"argv": sys.argv[1:] if argv is None else argv},
             "rounds": [asdict(r) | {"top": r.top, "hit_rate": r.hit_rate, "ideal": r.ideal} for r in results]}  # fmt: skip
