@@ -68,3 +68,15 @@ def test_slices_with_any_step_give_hash_blocks_slices(key: slice) -> None:
     tokens = ids(17 * PAGE + 2, seed=9)
     want = hash_blocks(tokens, PAGE)[:17]
     assert PageHashes(tokens, PAGE, 17)[key] == want[key]
+
+
+def test_packed_is_the_hashes_as_big_endian_bytes() -> None:
+    tokens = ids(900, 3)
+    want = hash_blocks(tokens, PAGE)[:200]
+    lazy = PageHashes(tokens, PAGE, 200)
+    assert lazy.packed(5) == b"".join(h.to_bytes(16, "big") for h in want[:5])
+    assert lazy.computed < 200  # only as far as asked
+    assert lazy.packed() == b"".join(h.to_bytes(16, "big") for h in want)
+    assert list(lazy) == want and lazy.packed(0) == b""
+    with pytest.raises(IndexError):
+        lazy.packed(201)
