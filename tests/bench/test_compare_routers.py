@@ -407,12 +407,16 @@ def test_harness_runs_two_policies_on_fresh_fleets_and_leaves_nothing_behind(
     out = tmp_path / "out"
     argv = ["--trace", str(trace), "--out-dir", str(out), "--workers", "2", "--policies", ",".join(policies),
             "--duration", "100", "--rate-scale", "1", "--time-scale", "10", "--sweep", "", "--hybrid-policies", "",
-            "--no-queue-policy"]  # fmt: skip
+            "--no-queue-policy", "--router-replicas", "2"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "compare.json").read_text())
     runs = list(results["runs"].values())
-    assert [r["policy"] for r in runs] == policies
+    assert [r["policy"] for r in runs] == [*policies, "swaserve-seed"]  # + the 2-replica run
+    assert [len(r["pids"]["router"]) for r in runs] == [1, 1, 2]
+    assert runs[0]["queue_policy"] == runs[2]["queue_policy"] == "fcfs"  # fcfs on every fleet
+    assert sum(runs[2]["decisions"].values()) >= 20  # both replicas' decisions, summed
+    assert "swaserve-seed (fcfs) x2 routers" in printed and "2 router replicas vs 1" in printed
     for r in runs:
         assert r["sent"] == r["completed"] == 20 and r["failed"] == 0, r
         assert 0 < r["hit_rate"] <= r["ideal_hit_rate"] + 1e-9
