@@ -30,7 +30,9 @@ def test_next_turns_continue_the_previous_prompt_exactly(tmp_path: Path) -> None
     cont = Continuations.plan(planned)
     assert sum(1 for c in cont.continued if c) > len(planned) // 2  # most requests are next turns
     build = PromptBuilder(seed=0, continuations=cont)
-    by_first: dict[int, PlannedRequest] = {}  # a session's turns share their first block past the system prompt
+    by_first: dict[
+        int, PlannedRequest
+    ] = {}  # a session's turns share their first block past the system prompt
     checked = 0
     for k, r in enumerate(planned):
         key = r.hash_ids[12]
@@ -52,3 +54,19 @@ def test_next_turns_continue_the_previous_prompt_exactly(tmp_path: Path) -> None
 def test_bad_specs_raise(bad: dict) -> None:
     with pytest.raises(ValueError):
         AgenticSpec(**bad)
+
+
+def test_ideal_and_lru_bound_need_nothing_of_the_mooncake_traces(tmp_path: Path) -> None:
+    # the comparison's hit-rate references, computed from this trace's own ids and block size
+    from bench.compare.analysis import lru_bound
+    from bench.replay.ideal import ideal_hit_rate
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(r.json() + "\n" for r in generate(AgenticSpec(duration_s=200, seed=2))))
+    planned = plan(load_trace(path), TraceSlice(0, 10_000), Scaling())
+    cont = Continuations.plan(planned)
+    ideal = ideal_hit_rate(planned, cont.continued)
+    assert 0.7 < ideal < 1.0  # sessions resume their whole previous prompt
+    assert ideal_hit_rate(planned) < ideal  # without continuations each turn stops at its last full block
+    assert lru_bound(planned, 1 << 40, cont) == pytest.approx(ideal)  # nothing evicted: the ideal
+    assert lru_bound(planned, 256 * 1024, cont) < ideal  # two sessions' worth of KV: evictions
