@@ -64,6 +64,7 @@ done_step() {  # done_step NAME DETAIL
   echo "    $1: ${dt}s${2:+ ($2)}"
   SUMMARY+=("$(printf '%-9s %4ss  %s' "$1" "$dt" "${2:-}")")
 }
+stamp() { local t0=$SECONDS line; while IFS= read -r line; do printf '    | %4ss %s\n' $((SECONDS - t0)) "$line"; done; }
 human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || echo "$1 bytes"; }
 
 # ---- the CUDA wheel must be on disk before anything slow starts -------------------------------------
@@ -171,7 +172,7 @@ fi
 cp -al "$WHEELS"/*.whl "$CONTEXT/wheels/deps/" 2>/dev/null || cp "$WHEELS"/*.whl "$CONTEXT/wheels/deps/"
 # inside, torch is matched by version: the context holds only the variant's torch wheel
 sed -E "s#^/.*/torch-[^/]*\.whl\$#torch==$TORCH_VERSION#" "$REQ" > "$CONTEXT/wheels/deps/requirements.txt"
-DEPS_DIGEST=$("$PY" scripts/image/prepare.py digest "$CONTEXT/wheels/deps" | cut -c1-16)
+DEPS_DIGEST=$WHEELS_KEY  # the wheelhouse is a function of its key (downloaded wheels never change)
 done_step wheels "$wheels_state, $(ls "$WHEELS"/*.whl | wc -l) wheels, $(du -sh "$WHEELS" | cut -f1)"
 
 # ---- 4. the swaserve wheel --------------------------------------------------------------------------
@@ -186,6 +187,7 @@ PY="$PY" bash "$SRC/scripts/gen_proto.sh"
 "$PY" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation \
   --wheel-dir "$CONTEXT/wheels/project" "$SRC" 2>&1 | grep -v '^$' || true
 ls "$CONTEXT"/wheels/project/swaserve-*.whl >/dev/null
+PROJECT_DIGEST=$("$PY" scripts/image/prepare.py digest "$CONTEXT/wheels/project" | cut -c1-16)
 done_step project "$(basename "$CONTEXT"/wheels/project/swaserve-*.whl)"
 
 # ---- 5. buildah build -------------------------------------------------------------------------------
@@ -193,8 +195,8 @@ step "buildah build -f Containerfile -> $IMAGE"
 buildah build --isolation chroot --pull=never --layers \
   -f "$ROOT/Containerfile" -t "$IMAGE" \
   --build-arg BASE="$BASE_IMAGE" --build-arg VARIANT="$VARIANT" --build-arg TORCH_VERSION="$TORCH_VERSION" \
-  --build-arg VERSION="$VERSION" --build-arg DEPS_DIGEST="$DEPS_DIGEST" \
-  "$CONTEXT" 2>&1 | sed -u 's/^/    | /' || { echo "image: buildah build failed (above)" >&2; exit 1; }
+  --build-arg VERSION="$VERSION" --build-arg DEPS_DIGEST="$DEPS_DIGEST" --build-arg PROJECT_DIGEST="$PROJECT_DIGEST" \
+  "$CONTEXT" 2>&1 | stamp || { echo "image: buildah build failed (above)" >&2; exit 1; }
 SIZE=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 done_step build "$IMAGE, $(human "$SIZE")"
 

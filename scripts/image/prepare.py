@@ -95,13 +95,20 @@ def find_cuda_torch(version: str, dirs: list[Path]) -> Path:
 
 
 def digest(paths: list[Path]) -> str:
-    """sha256 over (relative name, bytes) of every file under `paths`, in sorted order."""
+    """sha256 over (relative name, content) of every file under `paths`, in sorted order. A wheel's
+    content is its members' names and bytes, not the zip's: a rebuilt wheel of the same code differs
+    only in timestamps, and must not look like a change to the layer cache."""
     h = hashlib.sha256()
     for top in paths:
         files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
         for p in files:
             h.update(str(p.relative_to(top) if top.is_dir() else p.name).encode() + b"\0")
-            h.update(hashlib.sha256(p.read_bytes()).digest())
+            if p.suffix == ".whl":
+                with zipfile.ZipFile(p) as z:
+                    for member in sorted(z.namelist()):
+                        h.update(member.encode() + b"\0" + hashlib.sha256(z.read(member)).digest())
+            else:
+                h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
 
@@ -117,8 +124,8 @@ def missing(wheels: Path, reqs: list[str], python_version: str) -> list[str]:
         from packaging.requirements import Requirement
     except ImportError:  # pip always carries a copy
         from pip._vendor.packaging.markers import default_environment  # type: ignore[no-redef]
-        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
-    env = dict(default_environment())
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef,assignment]
+    env: dict[str, str] = {k: str(v) for k, v in default_environment().items()}
     env.update(python_full_version=python_version, python_version=".".join(python_version.split(".")[:2]))
     env.update(implementation_version=python_version, implementation_name="cpython")
     env.update(platform_python_implementation="CPython", sys_platform="linux", os_name="posix")
