@@ -55,5 +55,10 @@ VARIANT ?= cpu
 image: setup
 	VARIANT=$(VARIANT) bash scripts/image/build.sh
 
+# the image's tests (marker `image`: build + podman runs; not in `make test`)
+.PHONY: test-image
+test-image: setup
+	$(VENV)/bin/pytest -q -m image tests/deploy/image $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
