@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -54,8 +54,10 @@ class RoutedResidency:
         prefix: str = DEFAULT_PREFIX,
         *,
         client: redis.Redis | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.clock = clock  # wall clock (deadlines); a simulation passes its own
         self.index = index
         self.key = pending_key(prefix)
         self.max_ttl_ms = int(config.pending_ttl_max_s * 1000)
@@ -85,7 +87,7 @@ class RoutedResidency:
         raw_pages = decision.raw_match_tokens // cfg.page_size
         branch = raw_pages if decision.raw_match_tokens > decision.safe_match_tokens else 0
         ttl_s = self.ttl_s(c.queued_tokens + decision.uncached_tokens, c.tokens_per_s)
-        entry = PendingEntry(rid, c.worker_id, full, swa_pages(full, need, branch), time.time() + ttl_s,
+        entry = PendingEntry(rid, c.worker_id, full, swa_pages(full, need, branch), self.clock() + ttl_s,
                              c.incarnation)  # fmt: skip
         if not self.index.add_pending(entry):
             return None

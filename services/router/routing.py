@@ -315,6 +315,9 @@ def candidate_from_record(r: WorkerRecord, healthy: bool = True) -> Candidate:
 def candidates_of(pool: WorkerPool, role: Role) -> list[Candidate]:
     """The pool's routable workers as candidates: with their Redis load when the pool has records
     (`routable_records(role)`, RedisWorkerPool), else by address only."""
+    own = getattr(pool, "candidates", None)
+    if own is not None:  # a pool that knows workers beyond their records (KubernetesWorkerPool)
+        return list(own(role))
     records = getattr(pool, "routable_records", None)
     if records is not None:
         return [candidate_from_record(r) for r in records(role)]

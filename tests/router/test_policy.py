@@ -111,7 +111,7 @@ def test_no_match_when_the_index_is_not_usable_or_the_prompt_has_no_full_page() 
 def test_seed_formula(
     match_weight: float, prompt_len: int, workers: list[tuple[int, int, int]], expected: list[float]
 ) -> None:
-    cfg = replace(CFG, match_weight=match_weight)
+    cfg = replace(CFG, match_weight=match_weight, saturation_s=0.0)  # the formula's two terms alone
     cands = [
         cand(f"w{i}", queued_tokens=q, capacity_tokens=1000, free_kv_tokens=1000 - r)
         for i, (_, q, r) in enumerate(workers)
@@ -320,7 +320,8 @@ def test_config_from_json_and_custom_profiles(tmp_path: Path) -> None:
     assert [type(f).__name__ for f in profile.filters] == ["HealthFilter"]
     assert [(type(s.plugin).__name__, s.weight) for s in profile.scorers] == [("LoadScorer", 2.0)]
     seed = PolicyConfig(match_weight=3.0).prefill_spec()
-    assert seed.scorers == (("prefix_match", 3.0), ("load", 1.0))
+    assert seed.scorers == (("prefix_match", 3.0), ("load", 1.0), ("sticky", 10.0))
+    assert PolicyConfig(saturation_s=0).prefill_spec().scorers == (("prefix_match", 1.0), ("load", 1.0))
     assert PolicyConfig(prefill_policy="cost").prefill_spec().scorers == (("cost", 1.0),)
 
 
@@ -392,14 +393,16 @@ def test_sticky_until_saturated(holder_load: int, winner: str) -> None:
     req = request(1600, {"holder": PrefixHit(50, 50)})
     cands = [cand("holder", queued_tokens=holder_load), cand("idle")]
     assert _ranked(cfg, req, cands)[0] == winner
-    assert _ranked(CFG, req, cands)[0] == "idle"  # the seed alone: the busiest candidate loses
+    plain = replace(CFG, saturation_s=0.0)
+    assert _ranked(plain, req, cands)[0] == "idle"  # the seed's terms alone: the busiest candidate loses
 
 
 def test_a_raw_match_is_credited_under_the_seed_only_when_asked() -> None:
     req = request(1600, {"sibling": PrefixHit(raw_blocks=80, safe_blocks=0)})
     cands = [cand("sibling", queued_tokens=100), cand("idle")]
-    assert _ranked(replace(CFG, seed_raw_credit=0.5), req, cands)[0] == "sibling"
-    assert _ranked(CFG, req, cands)[0] == "idle"
+    plain = replace(CFG, saturation_s=0.0)
+    assert _ranked(replace(plain, seed_raw_credit=0.5), req, cands)[0] == "sibling"
+    assert _ranked(replace(plain, seed_raw_credit=0.0), req, cands)[0] == "idle"
 
 
 @pytest.mark.parametrize("load_norm", ["busiest", "prompt"])

@@ -50,7 +50,8 @@ def test_json_file_then_flags(tmp_path: Path) -> None:
         BASE + ["--policy-config", str(path), "--match-weight", "1.5", "--prefill-policy", "seed"]
     )
     cfg = policy_config_from_args(over, default_window=0)
-    assert cfg.match_weight == 1.5 and cfg.prefill_spec().scorers == (("prefix_match", 1.5), ("load", 1.0))
+    assert cfg.match_weight == 1.5
+    assert cfg.prefill_spec().scorers == (("prefix_match", 1.5), ("load", 1.0), ("sticky", 10.0))
     no_window = tmp_path / "q.json"
     no_window.write_text("{}")
     assert policy_config_from_args(parse_args(BASE + ["--policy-config", str(no_window)]), 128).window == 128

@@ -81,7 +81,7 @@ def test_a_busy_holder_loses_under_the_seed_and_keeps_the_request_under_affinity
     q = (n - 1) // PAGE
     hits = {"holder": PrefixHit(int(0.9 * q), int(0.9 * q)), "idle": PrefixHit(32, 32)}
     cands = [cand("holder", queued=12_000), cand("idle")]
-    seed_best, seed = rank(CFG, request(n, hits), cands)
+    seed_best, seed = rank(replace(CFG, saturation_s=0.0), request(n, hits), cands)  # the two terms alone
     aff = replace(CFG, prefill_policy="affinity")
     aff_best, scores = rank(aff, request(n, hits), cands)
     assert seed_best == "idle" and aff_best == "holder"
@@ -102,7 +102,8 @@ def test_a_full_kv_holder_wins_a_tie_of_window_safe_matches_only_under_affinity(
     n = 6_000
     hits = {"conv": PrefixHit(300, 32), "other": PrefixHit(32, 32)}
     cands = [cand("other", queued=300), cand("conv", queued=600)]
-    assert rank(CFG, request(n, hits), cands)[0] == "other"  # the seed sees equal matches
+    plain = replace(CFG, saturation_s=0.0, seed_raw_credit=0.0)
+    assert rank(plain, request(n, hits), cands)[0] == "other"  # the seed's terms see equal matches
     assert rank(replace(CFG, prefill_policy="affinity"), request(n, hits), cands)[0] == "conv"
     no_raw = replace(CFG, prefill_policy="affinity", raw_match_credit=0.0)
     assert rank(no_raw, request(n, hits), cands)[0] == "other"
@@ -111,7 +112,7 @@ def test_a_full_kv_holder_wins_a_tie_of_window_safe_matches_only_under_affinity(
 def test_the_seed_preset_is_unchanged_by_the_affinity_fields() -> None:
     a = PolicyConfig(affinity_match_weight=5.0, raw_match_credit=1.0)
     assert a.prefill_spec() == PolicyConfig().prefill_spec()
-    assert PolicyConfig().prefill_spec().scorers == (("prefix_match", 1.0), ("load", 1.0))
+    assert PolicyConfig().prefill_spec().scorers == (("prefix_match", 1.0), ("load", 1.0), ("sticky", 10.0))
     assert replace(CFG, prefill_policy="affinity").prefill_spec().scorers == (
         ("prefix_match_raw", 2.0), ("load", 1.0))  # fmt: skip
 

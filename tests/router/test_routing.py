@@ -111,7 +111,7 @@ def test_reasons(source: FakeIndexSource, case: str, setup: str, reason: str, ch
     if setup.startswith("hit"):
         source.index.store("p0", hashes[:2])  # a small hit: 2 of 8 pages
     if setup == "hit_busy":
-        prefill = [cand("p0", queued_tokens=10_000), cand("p1")]
+        prefill = [cand("p0", queued_tokens=100_000), cand("p1")]  # ~12 s of backlog: saturated
     source.ready = setup != "not_ready"
     source.redis_ok = setup != "redis_down"
     d = p.decide(ids, prefill, DECODE)

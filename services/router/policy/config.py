@@ -138,14 +138,13 @@ class PolicyConfig:
     window: int = 128  # SWA window of the model (0: no SWA layers); the index's window-safe match
     prefill_profile: ProfileSpec | None = None
     decode_profile: ProfileSpec | None = None
-    seed_raw_credit: float = (
-        0.0  # seed: credit of full-KV-only matched blocks (a branch the worker checkpoints)
-    )
+    # seed: credit of full-KV-only matched blocks (a branch the worker checkpoints)
+    seed_raw_credit: float = 0.0
     seed_l2_credit: bool = False  # seed: host-tier (L2) blocks count, at tier_credit.l2
-    load_norm: str = (
-        "busiest"  # seed: normalized_load = load / max(busiest|0, prompt, floor): "busiest" | "prompt"
-    )
-    saturation_s: float = 0.0  # seed: the holder wins while its backlog is below this (0: off)
+    # seed: normalized_load = load / max(busiest|0, prompt, floor): "busiest" | "prompt"
+    load_norm: str = "busiest"
+    saturation_s: float = 2.0  # seed: the holder wins while its backlog is below this (0: off)
+    sticky_min_fraction: float = 0.5  # seed: a holder sticks only with at least this match fraction
     sticky_weight: float = 10.0  # seed: weight of the sticky scorer (above the others' range)
     match_scale_tokens: int = 0  # seed: > 0 scores matched tokens / this, not the matched fraction
     pending: bool = True  # routing-time residency: a decision counts as the worker's cache at once
@@ -271,6 +270,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saturation-s", type=float, help="seed: the holder wins below this backlog, seconds (0: off)"
     )
+    g.add_argument("--sticky-min-fraction", type=float, help="seed: least match fraction that sticks (0.5)")
     g.add_argument(
         "--match-scale-tokens", type=parse_tokens, help="seed: score matched tokens / this (0: fraction)"
     )
@@ -299,6 +299,7 @@ _FLAG_FIELDS = {
     "seed_l2_credit": "seed_l2_credit",
     "load_norm": "load_norm",
     "saturation_s": "saturation_s",
+    "sticky_min_fraction": "sticky_min_fraction",
     "match_scale_tokens": "match_scale_tokens",
     "pending_ttl_max": "pending_ttl_max_s",
 }

@@ -109,11 +109,15 @@ class LoadScorer(Scorer):
         return [1.0 - load / denom for load in loads]
 
 
+TIE_CREDIT = 1e-3  # sticky: weight of full-KV-only pages when choosing the holder (ties only)
+
+
 class StickyScorer(Scorer):
-    """Sticky until saturated: 1 for the candidates holding the longest cached prefix of the prompt
-    (the seed's match, > 0) whose backlog is below `saturation_s` seconds of prefill at their speed,
-    0 for the others. With a weight above the other scorers' range the holder wins until it is
-    saturated; past that the seed's terms decide alone."""
+    """Sticky until saturated: 1 for the candidates holding the longest full-KV prefix of the prompt
+    (pending entries included; at least `sticky_min_fraction` of it, so that a shared system prompt
+    makes no holder) whose backlog is below `saturation_s` seconds of prefill at their speed, 0 for
+    the others. With a weight above the other scorers' range the holder wins until it is saturated;
+    past that the seed's terms decide alone. Chosen on traces (docs/router.md)."""
 
     name = "sticky"
 
@@ -126,9 +130,13 @@ class StickyScorer(Scorer):
         if cfg.saturation_s <= 0:
             return [0.0] * len(cands)
         l2 = cfg.tier_credit.l2 if cfg.seed_l2_credit else 0.0
-        match = _match_fractions(req, cands, cfg.seed_raw_credit, l2)
+        # the holder: the longest window-safe match; full KV beyond it (a sibling's pending prefix)
+        # only breaks ties, and the holder's full-KV reach must be a real share of the prompt
+        match = _match_fractions(req, cands, TIE_CREDIT, l2)
+        reach = _match_fractions(req, cands, 1.0, l2)
         best = max(match, default=0.0)
-        if best <= 0:
+        top = [i for i, m in enumerate(match) if m >= best - 1e-12]
+        if best <= 0 or max(reach[i] for i in top) < cfg.sticky_min_fraction:  # a system prompt: no holder
             return [0.0] * len(cands)
         out = []
         for c, m in zip(cands, match, strict=True):
