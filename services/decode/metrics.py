@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.engine.loop_metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, loop_gauges
+from services.engine.loop_metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, KVPoolCollector, loop_gauges
 
 if TYPE_CHECKING:
     from services.decode.worker import DecodeWorker
@@ -40,6 +40,13 @@ class DecodeMetrics:
             "swaserve_decode_expired", "reservations / received KV dropped unused after their TTL",
             ["what"], registry=r,
         )  # fmt: skip
+        # every label value up front: a rate over it is 0 before the first event, not absent
+        for outcome in ("ok", "error", "aborted", "cancelled", "no_kv", "no_room", "invalid"):
+            self.requests.labels(outcome)
+        for result in ("ok", "refused"):
+            self.reservations.labels(result)
+        for what in ("reservation", "kv"):
+            self.expired.labels(what)
         self._bound = False
 
     def bind(self, worker: DecodeWorker) -> None:
@@ -47,6 +54,7 @@ class DecodeMetrics:
             return
         self._bound = True
         loop_gauges(self.registry, "decode", lambda: worker.loop.stats)
+        self.registry.register(KVPoolCollector("decode", lambda: worker.loop.engine))
         reserved = Gauge(
             "swaserve_decode_reserved_kv_tokens", "KV tokens held by reservations", registry=self.registry
         )

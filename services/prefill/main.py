@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kv_events=not args.no_kv_events,
         )  # fmt: skip
 
-    return serve("prefill", args, build, PrefillMetrics())
+    return serve("prefill", args, build, PrefillMetrics(bucket=args.bucket or "all"))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,10 @@ def create_app(
     tok = RouterTokenizer(settings.model_dir)
     metrics = metrics or RouterMetrics()
     routing = routing or RoutingPipeline(settings.policy, index, l2_index=l2_index)
-    metrics.watch(worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors)
+    metrics.use_buckets(settings.policy.buckets)
+    metrics.watch(
+        worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors, residency=residency
+    )
     clients = WorkerClients()
     dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics, residency=residency)
     core = CompletionCore(dispatcher, tok, tok.info.eos_token_ids, metrics)

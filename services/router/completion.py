@@ -87,8 +87,9 @@ class CompletionRun:
         gen = await self._core.dispatcher.open(
             f"{self.id}-{index}", prompt, job.choice_sampling(index % job.n)
         )
-        self._core.metrics.ttft.observe(time.monotonic() - self.arrival)
-        self._core.metrics.observe_prefill(len(prompt), gen.cached_tokens)
+        m = self._core.metrics
+        m.ttft.labels(bucket=m.bucket_of(len(prompt))).observe(time.monotonic() - self.arrival)
+        m.observe_prefill(len(prompt), gen.cached_tokens, gen.cached_tokens_l2, gen.cached_tokens_l3)
         return gen
 
     async def events(self) -> AsyncGenerator[ChoiceEvent, None]:
@@ -96,7 +97,7 @@ class CompletionRun:
             async with aclosing(self._choice_events(0, self._gens[0])) as events:
                 async for ev in events:
                     yield ev
-            self._core.metrics.e2e.observe(time.monotonic() - self.arrival)
+            self._observe_e2e()
             return
         queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._pump(i, g, queue)) for i, g in enumerate(self._gens)]
@@ -110,11 +111,16 @@ class CompletionRun:
                     raise item
                 else:
                     yield item
-            self._core.metrics.e2e.observe(time.monotonic() - self.arrival)
+            self._observe_e2e()
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # their cleanup sends the Aborts
+
+    def _observe_e2e(self) -> None:
+        m = self._core.metrics
+        first = self.job.prompts[0] if self.job.prompts else []
+        m.e2e.labels(bucket=m.bucket_of(len(first))).observe(time.monotonic() - self.arrival)
 
     def close(self) -> None:
         """Abort every sequence still open (idempotent; a no-op after events() ran to the end)."""
@@ -158,9 +164,15 @@ class CompletionRun:
             frozenset() if sampling.ignore_eos else self._core.eos_token_ids
         )
         text = ChoiceText(self._core.tok, sampling.stop, hidden, sampling.logprobs)
-        first_at = time.monotonic()
+        m = self._core.metrics
+        bucket = m.bucket_of(len(self.job.prompts[index // self.job.n]))
+        first_at = last_at = time.monotonic()
         async with aclosing(gen.chunks()) as chunks:
             async for chunk in chunks:
+                now = time.monotonic()
+                if self._completion_tokens[index] and chunk.token_ids:  # not the first token's chunk
+                    m.itl.labels(bucket=bucket).observe((now - last_at) / len(chunk.token_ids))
+                last_at = now
                 self._completion_tokens[index] += len(chunk.token_ids)
                 delta = text.push(chunk.token_ids, chunk.logprobs)
                 finish = "stop" if delta.stop_found else chunk.finish_reason
@@ -169,9 +181,9 @@ class CompletionRun:
                 if finish:
                     break  # closing the chunks aborts the sequence if the worker has not ended it
         tokens = self._completion_tokens[index]
-        self._core.metrics.completion_tokens.inc(tokens)
+        m.completion_tokens.inc(tokens)
         if tokens > 1:
-            self._core.metrics.tpot.observe((time.monotonic() - first_at) / (tokens - 1))
+            m.tpot.labels(bucket=bucket).observe((time.monotonic() - first_at) / (tokens - 1))
 
 
 def _close_if_opened(task: asyncio.Future[Generation]) -> None:

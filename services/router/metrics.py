@@ -6,12 +6,16 @@ Accuracy (observe_prediction): per request, the window-safe cached tokens the de
 its prefill worker against the cached tokens that worker reported (PrefillReply), counted once, for
 the attempt whose Prefill answered; and requests served per prefill worker.
 Read at scrape time from the pool and the index (`watch`): Redis errors and reachability, whether
-the prefix index is usable, workers and queue lengths per role (sums over the registry's records).
+the prefix index is usable, workers and queue lengths per role (sums over the registry's records),
+each routable worker's load; the index's pending (routing-time residency) entries and fenced
+workers, and the residency writer's counters when one is passed.
+Latency histograms (TTFT, TPOT, ITL, E2E) carry the prompt's length bucket (`use_buckets`); every
+label value the router knows of is created at start-up, so a rate over it reads 0, not "no data".
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -21,8 +25,16 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from services.router.routing import RoutingDecision
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# up to 512 s: a 1M-token prompt on the long bucket, queue included, lands in the last buckets
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+)  # fmt: skip
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SOURCES = ("computed", "l1", "l2", "l3")  # where a prompt token's KV came from
+REASONS = ("cache_hit", "load_over_cache", "cache_miss", "index_unavailable", "no_index")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+STATUSES = ("200", "400", "404", "500", "502", "503", "504")
+ROLES = ("prefill", "decode")
 ROUTING_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 LOAD_BUCKETS = (0, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
@@ -46,31 +58,76 @@ class RouterMetrics:
         self.inflight = Gauge("swaserve_router_inflight_requests", "Requests being served", registry=r)
         self.ttft = Histogram(
             "swaserve_router_ttft_seconds",
-            "Time to first token of each choice, from request arrival",
+            "Time to first token of each choice, from request arrival, by the prompt's length bucket",
+            ["bucket"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "swaserve_router_tpot_seconds",
-            "Time per output token after the first, per choice",
+            "Time per output token after the first, per choice, by the prompt's length bucket",
+            ["bucket"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "swaserve_router_itl_seconds",
+            "Inter-token latency: time between two streamed chunks over the tokens of the later one",
+            ["bucket"],
             buckets=TPOT_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "swaserve_router_e2e_latency_seconds",
-            "End-to-end latency of completed requests",
+            "End-to-end latency of completed requests, by the (first) prompt's length bucket",
+            ["bucket"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(
             "swaserve_router_prompt_tokens",
-            "Prompt tokens by where their KV came from (computed, l1 = prefill worker cache)",
+            "Prompt tokens by where their KV came from: computed, l1 (the prefill worker's device "
+            "cache), l2 (its host tier), l3 (GCache); the four add up to the prompt tokens",
             ["source"],
             registry=r,
         )
         self.completion_tokens = Counter("swaserve_router_completion_tokens", "Generated tokens", registry=r)
         self._routing_metrics(r)
         self._accuracy_metrics(r)
+        self._bucket_limits: tuple[tuple[str, int], ...] = ()
+        self._precreate()
+
+    def _precreate(self) -> None:
+        for source in SOURCES:
+            self.prompt_tokens.labels(source=source)
+        for reason in REASONS:
+            self.decisions.labels(reason=reason)
+        for endpoint in ENDPOINTS:
+            for status in STATUSES:
+                self.requests.labels(endpoint=endpoint, status=status)
+        for kind in ("raw", "safe"):
+            self.match_fraction.labels(kind=kind)
+            self.match_tokens.labels(kind=kind)
+        for role in ROLES:
+            self.chosen_load.labels(role=role)
+            self.marked_down.labels(role=role)
+
+    def use_buckets(self, buckets: Sequence[Any]) -> None:
+        """The router's length buckets (LengthBucket: name, max_tokens): latency series of each
+        are created now, and `bucket_of` names a prompt's bucket as the length filter does."""
+        self._bucket_limits = tuple((b.name, int(b.max_tokens)) for b in buckets)
+        for name, _ in self._bucket_limits:
+            for h in (self.ttft, self.tpot, self.itl, self.e2e):
+                h.labels(bucket=name)
+            for fallback in ("0", "1"):
+                self.bucket_decisions.labels(bucket=name, fallback=fallback)
+
+    def bucket_of(self, prompt_len: int) -> str:
+        """The first bucket the prompt fits in, the last if none ("all" before use_buckets)."""
+        for name, limit in self._bucket_limits:
+            if prompt_len <= limit:
+                return name
+        return self._bucket_limits[-1][0] if self._bucket_limits else "all"
 
     def _routing_metrics(self, r: CollectorRegistry) -> None:
         self.decisions = Counter(
@@ -213,15 +270,27 @@ class RouterMetrics:
         self.chosen_load.labels(role="decode").observe(d.decode.load_tokens)
 
     def watch(
-        self, pool: Any, index: Any, index_usable: Callable[[], bool], index_errors: Callable[[], int]
+        self,
+        pool: Any,
+        index: Any,
+        index_usable: Callable[[], bool],
+        index_errors: Callable[[], int],
+        residency: Any = None,
     ) -> None:
-        """Export, at scrape time, what the pool and the index follower know (see the module doc)."""
+        """Export, at scrape time, what the pool, the index follower and the routing-time residency
+        writer (optional) know (see the module doc)."""
         self.registry.register(_StateCollector(pool, index, index_usable, index_errors))
+        self.registry.register(ResidencyCollector(index, residency))
 
-    def observe_prefill(self, prompt_len: int, cached: int) -> None:
+    def observe_prefill(self, prompt_len: int, cached: int, l2: int = 0, l3: int = 0) -> None:
+        """One choice's prompt by source; `l2` and `l3` are parts of `cached` (the rest is l1)."""
         cached = max(0, min(cached, prompt_len))
+        l2 = max(0, min(l2, cached))
+        l3 = max(0, min(l3, cached - l2))
         self.prompt_tokens.labels(source="computed").inc(prompt_len - cached)
-        self.prompt_tokens.labels(source="l1").inc(cached)
+        self.prompt_tokens.labels(source="l1").inc(cached - l2 - l3)
+        self.prompt_tokens.labels(source="l2").inc(l2)
+        self.prompt_tokens.labels(source="l3").inc(l3)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -260,14 +329,80 @@ class _StateCollector(Collector):
         running = GaugeMetricFamily(
             "swaserve_router_running_requests", "Requests running on the workers of a role", labels=["role"]
         )
+        load = GaugeMetricFamily(
+            "swaserve_router_worker_queued_tokens",
+            "Prompt tokens queued on each routable worker, as the registry reports them",
+            labels=["role", "worker"],
+        )
         records = getattr(self.pool, "routable_records", None)
-        for role in ("prefill", "decode"):
+        for role in ROLES:
             recs = records(role) if records is not None else []
             workers.add_metric([role], len(recs) if records is not None else _count(self.pool, role))
             waiting.add_metric([role], sum(r.waiting for r in recs))
             queued.add_metric([role], sum(r.queued_tokens for r in recs))
             running.add_metric([role], sum(r.running for r in recs))
-        yield from (workers, waiting, queued, running)
+            for rec in recs:
+                load.add_metric([role, str(getattr(rec, "worker_id", "?"))], rec.queued_tokens)
+        yield from (workers, waiting, queued, running, load)
+
+
+class ResidencyCollector(Collector):
+    """Routing-time residency, read at scrape time: the prefix index's pending layer
+    (`index.index.pending`: entries now, added, replaced by the worker's own events, expired,
+    dropped), workers fenced by the index follower (`index.fenced`), and the writer's counters
+    (services/router/residency.py: recorded, dropped, lost, write errors). What an object lacks is
+    exported as 0, so the series exist whichever router build runs."""
+
+    PENDING = (
+        ("added", "pending entries added to the prefix index"),
+        ("replaced", "pending entries replaced by the worker's own KV events"),
+        ("expired", "pending entries expired unconfirmed"),
+        ("dropped", "pending entries dropped (request ended, worker left or fenced, index cleared)"),
+    )
+    WRITER = (
+        ("recorded", "routing decisions written as pending residency"),
+        ("dropped", "pending residency withdrawn by the router (request failed)"),
+        ("lost", "pending residency messages not written (Redis down, queue full)"),
+        ("write_errors", "failed writes of pending residency to Redis"),
+    )
+
+    def __init__(self, index: Any, residency: Any = None) -> None:
+        self.index, self.residency = index, residency
+
+    def collect(self) -> Iterator[Any]:
+        prefix_index = getattr(self.index, "index", None)
+        pending = getattr(prefix_index, "pending", None)
+        yield GaugeMetricFamily(
+            "swaserve_router_pending_entries",
+            "pending (routed, not yet confirmed) residency entries in the prefix index",
+            value=_len(pending),
+        )
+        fam = CounterMetricFamily(
+            "swaserve_router_pending_events", "pending residency entries by what happened", labels=["event"]
+        )
+        for field, _doc in self.PENDING:
+            fam.add_metric([field], int(getattr(pending, field, 0) or 0))
+        yield fam
+        yield CounterMetricFamily(
+            "swaserve_router_fenced_workers",
+            "workers whose index state of an earlier incarnation was dropped (restart fencing)",
+            value=int(getattr(self.index, "fenced", 0) or 0),
+        )
+        writes = CounterMetricFamily(
+            "swaserve_router_residency_writes",
+            "the residency writer's messages by outcome",
+            labels=["outcome"],
+        )
+        for field, _doc in self.WRITER:
+            writes.add_metric([field], int(getattr(self.residency, field, 0) or 0))
+        yield writes
+
+
+def _len(obj: Any) -> int:
+    try:
+        return len(obj) if obj is not None else 0
+    except TypeError:
+        return 0
 
 
 def _count(pool: Any, role: str) -> int:

@@ -229,10 +229,16 @@ def test_health_and_metrics_over_http(served):
     shipped = values['swaserve_prefill_kv_bytes_total{transport="grpc"}']
     assert shipped >= reply.kv_bytes > 0
     assert values['swaserve_prefill_kv_transfer_seconds_count{transport="grpc"}'] >= 1
-    for name in ("swaserve_prefill_ttft_seconds_count", "swaserve_prefill_queue_seconds_count",
+    for name in ('swaserve_prefill_ttft_seconds_count{bucket="all"}', 'swaserve_prefill_queue_seconds_count{bucket="all"}',
                  'swaserve_prefill_prompt_tokens_total{source="computed"}', "swaserve_prefill_running_requests",
                  "swaserve_prefill_waiting_requests", "swaserve_prefill_free_kv_tokens"):  # fmt: skip
         assert name in values
+    assert values['swaserve_prefill_ttft_seconds_bucket{bucket="all",le="512.0"}'] >= 1
+    assert values['swaserve_prefill_prompt_tokens_total{source="l3"}'] == 0  # created at start, 0 not absent
+    pool = {k: v for k, v in values.items() if k.startswith("swaserve_prefill_kv_pool_")}
+    for kind in ("full", "swa"):
+        cap = pool[f'swaserve_prefill_kv_pool_capacity_pages{{pool="{kind}"}}']
+        assert 0 < pool[f'swaserve_prefill_kv_pool_used_pages{{pool="{kind}"}}'] <= cap  # the prompt stays cached
 
 
 def test_main_defaults_to_uncached_first_and_grpc():
