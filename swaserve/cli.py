@@ -1,4 +1,4 @@
-"""The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker,
+"""The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker, dashboards,
 and one service a process (router, prefill, decode, gcache: what a container runs)."""
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     from swaserve.up import add_up_parser
 
     add_up_parser(sub)
+
+
+def _add_dashboards(sub: argparse._SubParsersAction) -> None:
+    from swaserve.observability.cli import add_dashboards_parser
+
+    add_dashboards_parser(sub)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_model(sub)
     _add_passthrough(sub)
+    _add_dashboards(sub)
     return p
 
 

@@ -4,6 +4,7 @@
     N GCache nodes (--gcache N, default 0)  python -m services.gcache.main   (L3; disk in the run dir)
     N prefill workers, N decode workers     python -m services.{prefill,decode}.main
     the router                              python -m services.router.main  (OpenAI API on --port)
+    Prometheus (--prometheus)               Debian's binary on loopback, scraping every /metrics
 
 Every child runs in its own session (so a Ctrl-C at the terminal reaches only this supervisor,
 which then stops the children in order: router, workers, Redis) and gets SIGTERM if the
@@ -27,6 +28,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from services.common.netutil import free_port, port_open
 from services.common.redis_server import RedisNotInstalled, RedisServer
@@ -279,16 +281,57 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
     return children
 
 
+def scrape_targets(args: argparse.Namespace, children: list[Child]) -> list[Any]:
+    """Every child's /metrics: workers and GCache nodes on their --metrics-port, the router on its
+    HTTP port; job = the service, label worker = the child's name."""
+    from swaserve.observability.prom import ScrapeTarget
+
+    out = []
+    for c in children:
+        if c.name == "router":
+            port = args.port
+        elif "--metrics-port" in c.argv:
+            port = int(c.argv[c.argv.index("--metrics-port") + 1])
+        else:
+            continue
+        out.append(ScrapeTarget(c.name.rsplit("-", 1)[0], f"127.0.0.1:{port}", {"worker": c.name}))
+    return out
+
+
+def start_prometheus(args: argparse.Namespace, children: list[Child], run_dir: Path) -> Any:
+    from swaserve.observability.prom import PrometheusNotInstalled, PrometheusServer
+
+    shim = [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid())]
+    prom = PrometheusServer(
+        scrape_targets(args, children), run_dir, interval=args.prometheus_interval,
+        port=args.prometheus_port, wrapper=shim,
+    )  # fmt: skip
+    try:
+        prom.start()
+    except PrometheusNotInstalled as e:
+        raise ValueError(str(e)) from None
+    say(
+        f"prometheus on {prom.url} (scrapes every {args.prometheus_interval}; log {run_dir / 'prometheus.log'})"
+    )
+    return prom
+
+
 def banner(args: argparse.Namespace, redis_url: str, run_dir: Path) -> str:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{host}:{args.port}/v1"
     q = "What is the capital of France?"
     gcache = f", {args.gcache} GCache" if args.gcache else ""
+    prom = (
+        f"prometheus: http://127.0.0.1:{args.prometheus_port}  (dashboards as PNG: swaserve dashboards render "
+        f"--prometheus http://127.0.0.1:{args.prometheus_port} --out DIR)\n"
+        if args.prometheus
+        else ""
+    )
     body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": q}], "max_tokens": 32})
     return f"""
 swaserve is up: {base}  (model {args.model}; {args.prefill} prefill, {args.decode} decode{gcache}; redis {redis_url})
 logs: {run_dir}
-
+{prom}
   curl {base}/chat/completions -H 'Content-Type: application/json' \\
     -d '{body}'
 
@@ -327,8 +370,12 @@ def run_up(args: argparse.Namespace) -> int:
     sup = Supervisor(build_children(args, redis_url, run_dir), redis)
     signal.signal(signal.SIGINT, sup.on_signal)
     signal.signal(signal.SIGTERM, sup.on_signal)
+    prom = None
     try:
         sup.start_all()
+        if args.prometheus:
+            prom = start_prometheus(args, sup.children, run_dir)
+            args.prometheus_port = prom.port
         if not sup.wait_ready(args.startup_timeout):
             return 0 if sup.stopping else 1
         print(banner(args, redis_url, run_dir), flush=True)
@@ -337,6 +384,8 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         say("stopping")
         sup.stop_all()
+        if prom is not None:
+            prom.stop()
         say("stopped")
 
 
@@ -377,4 +426,13 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
         "--startup-timeout", type=float, default=600.0, help="seconds to wait for all to be healthy"
     )
     u.add_argument("--run-dir", default="", help="where logs go (default: $SWASERVE_HOME/run/up-<time>)")
+    u.add_argument(
+        "--prometheus", action="store_true",
+        help="also start Prometheus (Debian's package) on 127.0.0.1 scraping every service, with "
+        "swaserve's recording rules and alerts; its URL is printed (docs/observability.md)",
+    )  # fmt: skip
+    u.add_argument("--prometheus-port", type=int, default=0, help="Prometheus's port (default: a free one)")
+    u.add_argument(
+        "--prometheus-interval", default="1s", help="scrape and rule interval (Prometheus duration)"
+    )
     u.set_defaults(func=run_up)

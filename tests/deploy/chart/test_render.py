@@ -5,6 +5,7 @@ discovery selects on, and clear failures for values that cannot work."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -274,7 +275,12 @@ def test_dashboards_configmaps_from_files(tmp_path: Any) -> None:
     cm = out.get("ConfigMap", "demo-swaserve-dashboard-router-overview")
     assert cm["data"] == {"Router_Overview.json": '{"title": "router"}'}
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert not render({"monitoring": {"dashboards": {"enabled": True}}}).of_kind("ConfigMap")  # none yet
+    # the shipped ones (swaserve dashboards generate): one ConfigMap each, the JSON as committed
+    shipped = {p.name: p.read_text() for p in (Path(CHART) / "dashboards").glob("*.json")}
+    cms = render({"monitoring": {"dashboards": {"enabled": True}}}).of_kind("ConfigMap")
+    assert len(shipped) == 5 and {k: v for cm in cms for k, v in cm["data"].items()} == {
+        k: v.rstrip("\n") for k, v in shipped.items()
+    }
 
 
 def pools(*ranges: tuple[str, int, int]) -> dict[str, Any]:
