@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 class PrefillMetrics:
     SOURCES = ("computed", "l1", "l2", "l3")
-    OUTCOMES = ("ok", "timeout", "error", "aborted")
+    OUTCOMES = ("ok", "invalid", "error", "aborted", "timeout", "kv_transfer_failed")
     TRANSPORTS = ("grpc", "shm", "torch")
 
     def __init__(self, registry: CollectorRegistry | None = None, bucket: str = "all") -> None:
