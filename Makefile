@@ -62,3 +62,8 @@ test-image: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# the Grafana JSON in helm/swaserve/dashboards from swaserve/observability/panels.py (docs/observability.md)
+.PHONY: dashboards
+dashboards: setup
+	$(VENV)/bin/swaserve dashboards generate
