@@ -232,6 +232,9 @@ class KVIndexFollower:
         for entry_id, fields in entries:
             self._last_pending_id = entry_id.decode()
             try:
+                kind, pid = PendingMessage.peek(fields)
+                if kind == "pend" and pid in self.index.pending:
+                    continue  # here already (this replica's own decision): add_pending would refuse it
                 msg = PendingMessage.from_fields(fields)
             except (KeyError, ValueError) as e:
                 log.warning("kv index: skipping malformed pending entry %s: %s", entry_id, e)

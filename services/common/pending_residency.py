@@ -71,11 +71,17 @@ class PendingLayer:
     """Pending entries as per-kind bitmasks over the owner's worker bits, reference-counted per
     (worker, kind, hash) so that overlapping entries (siblings sharing a prefix) drop one by one.
 
+    A worker with one entry needs no counts (its flag is set exactly on that entry's hashes), and
+    that is the common case (an 85k-token prompt is 5,300 pages: counting is a third of adding
+    and half of dropping). So counts exist only for workers with two entries or more: made when
+    the second arrives (the first one's hashes counted then), let go when one is left.
+
     Not thread-safe: PrefixIndex calls it with its lock held."""
 
     def __init__(self) -> None:
         self.masks: dict[Kind, dict[BlockHash, int]] = {"full": {}, "swa": {}}
-        self._counts: dict[int, dict[Kind, dict[BlockHash, int]]] = {}  # bit -> kind -> hash -> refs
+        # bit -> kind -> hash -> refs, for the bits with >= 2 entries only
+        self._counts: dict[int, dict[Kind, dict[BlockHash, int]]] = {}
         self._entries: dict[str, tuple[PendingEntry, int]] = {}  # pid -> (entry, bit)
         self._by_bit: dict[int, set[str]] = {}
         self._deadlines: list[tuple[float, str]] = []  # min-heap; stale items skipped
@@ -100,12 +106,22 @@ class PendingLayer:
         """Add the entry for the worker with bit `bit`; False if its pid is already here."""
         if entry.pid in self._entries:
             return False
+        pids = self._by_bit.setdefault(bit, set())
+        if len(pids) == 1:  # the worker's second entry: count the first one's hashes now
+            first = self._entries[next(iter(pids))][0]
+            self._counts[bit] = {kind: _tally(first.hashes(kind)) for kind in ("full", "swa")}
         self._entries[entry.pid] = (entry, bit)
-        self._by_bit.setdefault(bit, set()).add(entry.pid)
-        counts = self._counts.setdefault(bit, {"full": {}, "swa": {}})
+        pids.add(entry.pid)
+        counts = self._counts.get(bit)
         flag = 1 << bit
         for kind in ("full", "swa"):
-            own, masks = counts[kind], self.masks[kind]
+            masks = self.masks[kind]
+            if counts is None:
+                mget = masks.get
+                for h in entry.hashes(kind):
+                    masks[h] = mget(h, 0) | flag
+                continue
+            own = counts[kind]
             for h in entry.hashes(kind):
                 n = own.get(h, 0)
                 own[h] = n + 1
@@ -124,10 +140,19 @@ class PendingLayer:
         pids.discard(pid)
         if not pids:
             del self._by_bit[bit]
-        counts = self._counts[bit]
+        counts = self._counts.get(bit)
         keep = ~(1 << bit)
         for kind in ("full", "swa"):
-            own, masks = counts[kind], self.masks[kind]
+            masks = self.masks[kind]
+            if counts is None:  # the worker's only entry: its flag goes wherever the entry has it
+                for h in entry.hashes(kind):
+                    m = masks.get(h, 0) & keep  # (0 for a hash listed twice, already gone)
+                    if m:
+                        masks[h] = m
+                    else:
+                        masks.pop(h, None)
+                continue
+            own = counts[kind]
             for h in entry.hashes(kind):
                 n = own[h] - 1
                 if n:
@@ -139,7 +164,7 @@ class PendingLayer:
                     masks[h] = m
                 else:
                     del masks[h]
-        if not counts["full"] and not counts["swa"]:
+        if counts is not None and len(pids) < 2:  # one entry left (or none): no counts needed
             del self._counts[bit]
         return entry
 
@@ -173,6 +198,15 @@ class PendingLayer:
             self.drop(pid)
         self.replaced += len(done)
         return len(done)
+
+
+def _tally(hashes: tuple[BlockHash, ...]) -> dict[BlockHash, int]:
+    """How many times each hash is listed."""
+    counts: dict[BlockHash, int] = {}
+    get = counts.get
+    for h in hashes:
+        counts[h] = get(h, 0) + 1
+    return counts
 
 
 def satisfied(entry: PendingEntry, full: set[BlockHash], swa: Iterable[BlockHash] | set[BlockHash]) -> bool:

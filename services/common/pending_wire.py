@@ -18,25 +18,26 @@ idempotent (by pid) and checked against the worker's real state when applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Literal, cast
 
-from services.common.block_hash import HASH_BYTES, BlockHash
+from services.common.block_hash import HASH_BYTES, BlockHash, hashes_of
 from services.common.pending_residency import PendingEntry
 
 PendKind = Literal["pend", "unpend"]
 
 
-def pack_hashes(hashes: tuple[BlockHash, ...]) -> bytes:
-    return b"".join(h.to_bytes(HASH_BYTES, "big") for h in hashes)
+def pack_hashes(hashes: Sequence[BlockHash]) -> bytes:
+    big: Literal["big"] = "big"
+    return b"".join(map(int.to_bytes, hashes, repeat(HASH_BYTES), repeat(big)))
 
 
 def unpack_hashes(data: bytes) -> tuple[BlockHash, ...]:
     if len(data) % HASH_BYTES:
         raise ValueError(f"pending hashes: {len(data)} bytes is not a multiple of {HASH_BYTES}")
-    return tuple(
-        BlockHash(int.from_bytes(data[i : i + HASH_BYTES], "big")) for i in range(0, len(data), HASH_BYTES)
-    )
+    return tuple(hashes_of(data))
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,33 @@ class PendingMessage:
     ttl_ms: int = 0
     full: tuple[BlockHash, ...] = ()
     swa: tuple[BlockHash, ...] = ()
+    # `full` already in its wire form (the router's PageHashes.packed()), or b"": packed when sent
+    full_packed: bytes = field(default=b"", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.full_packed and len(self.full_packed) != HASH_BYTES * len(self.full):
+            raise ValueError(f"{len(self.full_packed)} packed bytes for {len(self.full)} full pages")
 
     def to_fields(self) -> dict[str, str | bytes]:
         f: dict[str, str | bytes] = {"k": self.kind, "p": self.pid, "w": self.worker, "e": self.incarnation}
         if self.kind == "pend":
-            f |= {"ttl": str(self.ttl_ms), "f": pack_hashes(self.full), "s": pack_hashes(self.swa)}
+            full = self.full_packed or pack_hashes(self.full)
+            f |= {"ttl": str(self.ttl_ms), "f": full, "s": pack_hashes(self.swa)}
         return f
 
-    @classmethod
-    def from_fields(cls, f: dict[bytes, bytes]) -> PendingMessage:
+    @staticmethod
+    def peek(f: dict[bytes, bytes]) -> tuple[PendKind, str]:
+        """An entry's kind and pid, without reading its pages (a reader that already holds the
+        pid skips the rest: a router reading its own entries back)."""
         kind = f[b"k"].decode()
         if kind not in ("pend", "unpend"):
             raise ValueError(f"unknown pending entry kind {kind!r}")
-        msg = cls(cast(PendKind, kind), f[b"p"].decode(), f[b"w"].decode(), f.get(b"e", b"").decode())
+        return cast(PendKind, kind), f[b"p"].decode()
+
+    @classmethod
+    def from_fields(cls, f: dict[bytes, bytes]) -> PendingMessage:
+        kind, pid = cls.peek(f)
+        msg = cls(kind, pid, f[b"w"].decode(), f.get(b"e", b"").decode())
         if kind == "unpend":
             return msg
         full, swa = unpack_hashes(f.get(b"f", b"")), unpack_hashes(f.get(b"s", b""))
@@ -74,8 +89,10 @@ class PendingMessage:
                             self.incarnation)  # fmt: skip
 
     @classmethod
-    def of(cls, entry: PendingEntry, ttl_ms: int) -> PendingMessage:
-        return cls("pend", entry.pid, entry.worker, entry.incarnation, ttl_ms, entry.full, entry.swa)
+    def of(cls, entry: PendingEntry, ttl_ms: int, full_packed: bytes = b"") -> PendingMessage:
+        """`full_packed`: `entry.full` as `pack_hashes` writes it, if the caller has it already."""
+        return cls("pend", entry.pid, entry.worker, entry.incarnation, ttl_ms, entry.full, entry.swa,
+                   full_packed)  # fmt: skip
 
 
 __all__ = ["PendKind", "PendingMessage", "pack_hashes", "unpack_hashes"]

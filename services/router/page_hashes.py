@@ -71,6 +71,11 @@ class PageHashes(Sequence[BlockHash]):
         self._extend(n)
         return bytes(self._digests[: n * HASH_BYTES])
 
+    def all(self) -> tuple[BlockHash, ...]:
+        """Every one of the `count` hashes, in one call (hashing what is left)."""
+        self._extend(self._count)
+        return tuple(self._done)
+
     def __iter__(self) -> Iterator[BlockHash]:
         i = 0
         while i < self._count:

@@ -28,11 +28,12 @@ from typing import Any
 
 import redis
 
-from services.common.block_hash import ROOT_HASH, BlockHash, hash_blocks
+from services.common.block_hash import HASH_BYTES, ROOT_HASH, BlockHash, block_digests, hashes_of
 from services.common.kv_event_wire import DEFAULT_PREFIX, make_client
 from services.common.pending_residency import PendingEntry, swa_pages
 from services.common.pending_wire import PendingMessage
 from services.common.prefix_index import PrefixIndex
+from services.router.page_hashes import PageHashes
 from services.router.policy import PolicyConfig
 from services.router.routing import Prompt, RoutingDecision
 
@@ -80,7 +81,7 @@ class RoutedResidency:
         e.g. a prompt shorter than a page)."""
         cfg = self.config
         c = decision.prefill
-        full = whole_pages(prompt, cfg.page_size)
+        full, packed = whole_pages_packed(prompt, cfg.page_size)
         if not full:
             return None
         need = -(-cfg.window // cfg.page_size) if cfg.window else 0
@@ -92,7 +93,7 @@ class RoutedResidency:
         if not self.index.add_pending(entry):
             return None
         self.recorded += 1
-        self._send(PendingMessage.of(entry, int(ttl_s * 1000)))
+        self._send(PendingMessage.of(entry, int(ttl_s * 1000), packed))
         return entry
 
     def drop(self, rid: str, worker_id: str) -> None:
@@ -178,15 +179,28 @@ class RoutedResidency:
 def whole_pages(prompt: Prompt, page_size: int) -> tuple[BlockHash, ...]:
     """The hashes of every whole page of the prompt (what its prefill caches): the routing
     hashes, plus the last page when the prompt is page-aligned (routing stops one page early)."""
-    n = len(prompt.token_ids)
-    pages = n // page_size
-    have = list(prompt.block_hashes)
+    return whole_pages_packed(prompt, page_size)[0]
+
+
+def whole_pages_packed(prompt: Prompt, page_size: int) -> tuple[tuple[BlockHash, ...], bytes]:
+    """`whole_pages`, and the same hashes in pending_wire's encoding (16 big-endian bytes each),
+    taken from the hash chain's own bytes when the prompt's hashes are a PageHashes (else b"":
+    the writer packs them)."""
+    pages = len(prompt.token_ids) // page_size
+    routed = prompt.block_hashes
+    lazy = isinstance(routed, PageHashes)
+    if isinstance(routed, PageHashes):
+        have, packed = list(routed.all()), routed.packed()
+    else:
+        have, packed = list(routed), b""
     if pages > len(have):
         parent = have[-1] if have else ROOT_HASH
-        have += hash_blocks(
+        more = block_digests(
             prompt.token_ids[len(have) * page_size : pages * page_size], page_size, parent=parent
         )
-    return tuple(have[:pages])
+        have += hashes_of(more)
+        packed += more if lazy else b""
+    return tuple(have[:pages]), packed[: pages * HASH_BYTES]
 
 
-__all__ = ["RoutedResidency", "pending_key", "whole_pages"]
+__all__ = ["RoutedResidency", "pending_key", "whole_pages", "whole_pages_packed"]

@@ -17,6 +17,7 @@ from services.common.block_hash import (
     hash_from_hex,
     hash_item,
     hash_to_hex,
+    hashes_of,
     item_extras,
 )
 
@@ -201,3 +202,13 @@ def test_pure_python_hashing_is_chosen_by_the_environment() -> None:
     pure = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert pure.stdout.startswith("True ")
     assert pure.stdout.split(" ", 1)[1].strip() == str(hash_blocks([1] * 32, 16))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hashes_of_reads_each_16_bytes_as_a_big_endian_int(seed: int) -> None:
+    rng = random.Random(seed)
+    digests = bytes([0] * 16 + [255] * 16) + rng.randbytes(16 * rng.randrange(0, 400))
+    want = [int.from_bytes(digests[i : i + 16], "big") for i in range(0, len(digests), 16)]
+    assert hashes_of(digests) == want and hashes_of(b"") == []
+    with pytest.raises(ValueError):
+        hashes_of(digests[:-1])

@@ -10,8 +10,8 @@ import random
 import pytest
 
 from services.common.block_hash import BlockHash, hash_blocks
-from services.common.pending_residency import PendingEntry, swa_pages
-from services.common.pending_wire import PendingMessage
+from services.common.pending_residency import PendingEntry, PendingLayer, swa_pages
+from services.common.pending_wire import PendingMessage, pack_hashes, unpack_hashes
 from services.common.prefix_index import PrefixIndex
 from services.common.prefix_index import WorkerMatch as M
 
@@ -189,3 +189,103 @@ def test_random_pending_entries_match_like_real_blocks(seed: int) -> None:
         got = ix.match(q, workers)
         want = ref.match(q, workers)
         assert got == want, (step, q)
+
+
+# -- the layer's representation against per-hash counting (what it replaced) -----------------------
+class CountedLayerReference:
+    """The mask layer as it was before per-worker counts became lazy: a count per (bit, kind, hash)
+    for every entry. Kept here as the reference the real layer's masks must equal."""
+
+    def __init__(self) -> None:
+        self.masks: dict[str, dict[BlockHash, int]] = {"full": {}, "swa": {}}
+        self.counts: dict[tuple[int, str], dict[BlockHash, int]] = {}
+        self.entries: dict[str, tuple[PendingEntry, int]] = {}
+
+    def add(self, e: PendingEntry, bit: int) -> bool:
+        if e.pid in self.entries:
+            return False
+        self.entries[e.pid] = (e, bit)
+        for kind in ("full", "swa"):
+            own = self.counts.setdefault((bit, kind), {})
+            for h in e.hashes(kind):  # type: ignore[arg-type]
+                own[h] = own.get(h, 0) + 1
+                if own[h] == 1:
+                    self.masks[kind][h] = self.masks[kind].get(h, 0) | (1 << bit)
+        return True
+
+    def drop(self, pid: str) -> None:
+        e, bit = self.entries.pop(pid)
+        for kind in ("full", "swa"):
+            own = self.counts[(bit, kind)]
+            for h in e.hashes(kind):  # type: ignore[arg-type]
+                own[h] -= 1
+                if own[h] == 0:
+                    del own[h]
+                    m = self.masks[kind][h] & ~(1 << bit)
+                    if m:
+                        self.masks[kind][h] = m
+                    else:
+                        del self.masks[kind][h]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layer_masks_equal_per_hash_counting_on_random_operations(seed: int) -> None:
+    """Entries overlapping within and across workers (hashes listed twice too), added and dropped in
+    random order, one by one or a worker at a time, expired: the masks equal the reference's."""
+    rng = random.Random(seed)
+    layer, ref = PendingLayer(), CountedLayerReference()
+    universe = [BlockHash(rng.getrandbits(128)) for _ in range(40)]
+    n = 0
+    for _ in range(300):
+        op = rng.random()
+        live = list(ref.entries)
+        if op < 0.5 or not live:
+            n += 1
+            full = tuple(rng.choice(universe) for _ in range(rng.randrange(1, 12)))
+            swa = tuple(rng.sample(full, rng.randrange(0, len(full) + 1)))
+            e = PendingEntry(f"p{n}", "w", full, swa, float(rng.randrange(100)))
+            bit = rng.randrange(4)
+            assert layer.add(e, bit) == ref.add(e, bit)
+            assert not layer.add(e, bit)  # by pid: once
+        elif op < 0.85:
+            pid = rng.choice(live)
+            layer.drop(pid)
+            ref.drop(pid)
+        elif op < 0.93:
+            bit = rng.randrange(4)
+            gone = [p for p, (_, b) in ref.entries.items() if b == bit]
+            assert layer.drop_bit(bit) == len(gone)
+            for pid in gone:
+                ref.drop(pid)
+        else:
+            now = float(rng.randrange(100))
+            gone = [p for p, (e, _) in ref.entries.items() if e.deadline <= now]
+            assert layer.expire(now) == len(gone)
+            for pid in gone:
+                ref.drop(pid)
+        assert layer.masks == ref.masks
+        assert sorted(e.pid for e in layer.entries()) == sorted(ref.entries)
+    for pid in list(ref.entries):
+        layer.drop(pid)
+    assert layer.masks == {"full": {}, "swa": {}} and len(layer) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_packed_wire_form_is_the_packed_hashes(seed: int) -> None:
+    """A message handed its full pages already packed writes the same fields as one packing them."""
+    rng = random.Random(seed)
+    full = tuple(BlockHash(rng.getrandbits(128)) for _ in range(rng.randrange(1, 300)))
+    e = PendingEntry("r", "w", full, swa_pages(full, NEED), 0.0, "inc")
+    packed = b"".join(h.to_bytes(16, "big") for h in full)
+    assert pack_hashes(full) == packed and unpack_hashes(packed) == full
+    assert PendingMessage.of(e, 900, packed).to_fields() == PendingMessage.of(e, 900).to_fields()
+    assert PendingMessage.of(e, 900, packed) == PendingMessage.of(e, 900)
+    with pytest.raises(ValueError):
+        PendingMessage.of(e, 900, packed[:-16])
+    fields = {
+        k.encode(): v.encode() if isinstance(v, str) else v
+        for k, v in PendingMessage.of(e, 9).to_fields().items()
+    }
+    assert PendingMessage.peek(fields) == ("pend", "r")
+    with pytest.raises(ValueError):
+        PendingMessage.peek({**fields, b"k": b"what"})

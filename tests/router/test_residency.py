@@ -7,6 +7,8 @@ nothing is written, and nothing pending survives the outage."""
 
 from __future__ import annotations
 
+import array
+import random
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -15,13 +17,14 @@ import pytest
 from services.common.block_hash import ROOT_HASH, BlockHash, hash_blocks
 from services.common.kv_event_bus import KVEventPublisher
 from services.common.kv_index_follower import KVIndexFollower
+from services.common.pending_wire import pack_hashes
 from services.common.prefix_index import WorkerMatch
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
 from services.engine.kv.events import AllCleared, BlockStored
 from services.router.discovery import RedisWorkerPool
 from services.router.policy import Candidate, PolicyConfig
-from services.router.residency import RoutedResidency
+from services.router.residency import RoutedResidency, whole_pages, whole_pages_packed
 from services.router.routing import RoutingPipeline
 from tests.waiting import wait_for
 
@@ -240,3 +243,21 @@ def test_redis_down_writes_nothing_and_nothing_pending_survives_the_outage(redis
     finally:
         res.close()
         follower.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_whole_pages_come_packed_from_the_hash_chain(seed: int) -> None:
+    """The entry's pages and their wire bytes straight from the chain: the same as hashing the
+    whole prompt and packing the ints, page-aligned prompts (one page past routing) included."""
+    rng = random.Random(seed)
+    n = rng.choice([PAGE * rng.randrange(1, 300), rng.randrange(1, 5000)])
+    ids = array.array("I", [rng.randrange(2**32) for _ in range(n)])
+    want = tuple(hash_blocks(ids, PAGE))
+    routing = RoutingPipeline(POLICY)
+    prompt = routing.prepare(ids)
+    if len(prompt.block_hashes) and rng.random() < 0.5:  # partly hashed already (a match read some)
+        _ = prompt.block_hashes[rng.randrange(len(prompt.block_hashes))]
+    full, packed = whole_pages_packed(prompt, PAGE)
+    assert full == want == whole_pages(prompt, PAGE) and packed == pack_hashes(want)
+    as_list = replace(prompt, block_hashes=list(prompt.block_hashes))
+    assert whole_pages_packed(as_list, PAGE) == (want, b"")  # no chain bytes: the writer packs them
