@@ -15,11 +15,12 @@
 #   7. archive    skopeo copy to a docker-archive tarball (docker load / ctr import)
 #
 # Usage: scripts/image/build.sh [--variant cpu|cuda] [--image NAME:TAG] [--no-smoke] [--no-archive]
-#                               [--rebuild-base]
-# Environment (the same settings): VARIANT, IMAGE, SMOKE=0, ARCHIVE=0, REBUILD_BASE=1,
+#                               [--rebuild-base] [--prepare-only (stop once the build context is ready)]
+# Environment (the same settings): VARIANT, IMAGE, SMOKE=0, ARCHIVE=0, REBUILD_BASE=1, PREPARE_ONLY=1,
 #   SWASERVE_IMAGE_CACHE (default build/image/cache), SWASERVE_IMAGE_MIRROR (a Debian mirror URL for
 #   mmdebstrap; default deb.debian.org with updates and security), SWASERVE_WHEELHOUSE (a directory
-#   of extra wheels searched first: the CUDA torch wheel for VARIANT=cuda).
+#   of extra wheels searched first: the CUDA torch wheel for VARIANT=cuda), SWASERVE_TORCH_VERSION
+#   (VARIANT=cuda only: another torch than pyproject's pin, for a CUDA build that exists only there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -29,6 +30,7 @@ PY=${PY:-$ROOT/.venv/bin/python}
 VARIANT=${VARIANT:-cpu}
 SMOKE=${SMOKE:-1}
 ARCHIVE=${ARCHIVE:-1}
+PREPARE_ONLY=${PREPARE_ONLY:-0}
 REBUILD_BASE=${REBUILD_BASE:-0}
 IMAGE=${IMAGE:-}
 while [ $# -gt 0 ]; do
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
     --image=*) IMAGE=${1#*=}; shift ;;
     --no-smoke) SMOKE=0; shift ;;
     --no-archive) ARCHIVE=0; shift ;;
+    --prepare-only) PREPARE_ONLY=1; shift ;;
     --rebuild-base) REBUILD_BASE=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "image: unknown argument '$1' (try --help)" >&2; exit 2 ;;
@@ -48,9 +51,14 @@ case "$VARIANT" in cpu|cuda) ;; *) echo "image: VARIANT must be cpu or cuda, got
 
 OUT=$ROOT/build/image
 CACHE=${SWASERVE_IMAGE_CACHE:-$OUT/cache}
-CONTEXT=$OUT/context
+CONTEXT=$OUT/context-$VARIANT  # per variant: a cpu and a cuda build may run side by side
 VERSION=$("$PY" scripts/image/prepare.py project-version)
-TORCH_VERSION=$("$PY" scripts/image/prepare.py torch-version)
+TORCH_PIN=$("$PY" scripts/image/prepare.py torch-version)
+TORCH_VERSION=${SWASERVE_TORCH_VERSION:-$TORCH_PIN}
+if [ "$TORCH_VERSION" != "$TORCH_PIN" ]; then
+  [ "$VARIANT" = cuda ] || { echo "image: SWASERVE_TORCH_VERSION applies to VARIANT=cuda only" >&2; exit 2; }
+  echo "image: warning: torch $TORCH_VERSION instead of pyproject's tested pin $TORCH_PIN" >&2
+fi
 IMAGE=${IMAGE:-localhost/swaserve:$VERSION-$VARIANT}
 ARCH=$(uname -m)
 mkdir -p "$CACHE" "$OUT"
@@ -177,7 +185,7 @@ done_step wheels "$wheels_state, $(ls "$WHEELS"/*.whl | wc -l) wheels, $(du -sh 
 
 # ---- 4. the swaserve wheel --------------------------------------------------------------------------
 step "swaserve wheel (working tree)"
-SRC=$OUT/src
+SRC=$OUT/src-$VARIANT
 rm -rf "$SRC" && mkdir -p "$SRC"
 # what git sees: tracked and untracked-but-not-ignored files (no .venv, no build/), deleted ones skipped
 git ls-files -z --cached --others --exclude-standard \
@@ -191,12 +199,18 @@ PROJECT_DIGEST=$("$PY" scripts/image/prepare.py digest "$CONTEXT/wheels/project"
 done_step project "$(basename "$CONTEXT"/wheels/project/swaserve-*.whl)"
 
 # ---- 5. buildah build -------------------------------------------------------------------------------
+BUILD=(buildah build --isolation chroot --pull=never --layers
+  -f "$ROOT/Containerfile" -t "$IMAGE"
+  --build-arg BASE="$BASE_IMAGE" --build-arg VARIANT="$VARIANT" --build-arg TORCH_VERSION="$TORCH_VERSION"
+  --build-arg VERSION="$VERSION" --build-arg DEPS_DIGEST="$DEPS_DIGEST" --build-arg PROJECT_DIGEST="$PROJECT_DIGEST"
+  "$CONTEXT")
+if [ "$PREPARE_ONLY" = 1 ]; then
+  echo; echo "image: context ready in $CONTEXT; build it with:"; echo "  ${BUILD[*]}"
+  printf '    %s\n' "${SUMMARY[@]}"
+  exit 0
+fi
 step "buildah build -f Containerfile -> $IMAGE"
-buildah build --isolation chroot --pull=never --layers \
-  -f "$ROOT/Containerfile" -t "$IMAGE" \
-  --build-arg BASE="$BASE_IMAGE" --build-arg VARIANT="$VARIANT" --build-arg TORCH_VERSION="$TORCH_VERSION" \
-  --build-arg VERSION="$VERSION" --build-arg DEPS_DIGEST="$DEPS_DIGEST" --build-arg PROJECT_DIGEST="$PROJECT_DIGEST" \
-  "$CONTEXT" 2>&1 | stamp || { echo "image: buildah build failed (above)" >&2; exit 1; }
+"${BUILD[@]}" 2>&1 | stamp || { echo "image: buildah build failed (above)" >&2; exit 1; }
 SIZE=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 done_step build "$IMAGE, $(human "$SIZE")"
 

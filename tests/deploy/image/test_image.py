@@ -97,11 +97,14 @@ def test_runs_as_the_service_user_and_cannot_write_the_install(image: str) -> No
 
 
 def test_generate_from_a_model_volume_matches_the_host(image: str, volume: str, tmp_path: Path) -> None:
-    """One container writes the seeded tiny MiMo checkpoint into a volume, another reads it (read-only)
-    and decodes greedily with no network: the ids equal the host engine's on the host's checkpoint."""
+    """One container writes the seeded tiny MiMo checkpoint into a volume, another reads it (volume and
+    root filesystem read-only) and decodes greedily with no network: the ids equal the host engine's
+    on the host's checkpoint, and the checkpoint's bytes equal the host's."""
     sh([*PODMAN_RUN, "-v", f"{volume}:/models", image, "model", "init", "--out", "/models/mimo-tiny"])
     gen = ["generate", "--prompt-ids", "1 2 3 4 5", "--max-tokens", "12", "--greedy", "--ids"]
-    in_image = sh([*PODMAN_RUN, "-v", f"{volume}:/models:ro", image, *gen, "--model", "/models/mimo-tiny"])
+    # the reader also runs with a read-only root filesystem (readOnlyRootFilesystem in a pod)
+    reader = [*PODMAN_RUN, "--read-only", "-v", f"{volume}:/models:ro", image]
+    in_image = sh([*reader, *gen, "--model", "/models/mimo-tiny"])
     sh([str(SWASERVE), "model", "init", "--out", str(tmp_path / "mimo-tiny")])
     on_host = sh([str(SWASERVE), *gen, "--model", str(tmp_path / "mimo-tiny")])
     ids = in_image.stdout.split()
@@ -157,7 +160,7 @@ def test_up_serves_a_completion_inside_and_stops_on_sigterm(image: str, volume: 
         assert stopped_in < 55  # SIGTERM reached `swaserve up`: no SIGKILL after the 60 s grace
         assert "stopped" in sh(["podman", "logs", name]).stdout
     finally:
-        sh(["podman", "rm", "-f", name], check=False)
+        sh(["podman", "rm", "-f", "-v", name], check=False)
 
 
 def test_docker_archive_is_loadable(image: str, tmp_path: Path) -> None:
