@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.netutil import free_port, port_open
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.image
@@ -188,3 +189,58 @@ def test_docker_archive_is_loadable(image: str, tmp_path: Path) -> None:
     inspected = json.loads(sh(["skopeo", "inspect", f"docker-archive:{tarball}"]).stdout)
     assert inspected["Labels"]["io.swaserve.variant"] == "cpu"
     assert os.path.getsize(tarball) > 500e6
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[str]:
+    """A real OCI registry on loopback: Debian's docker-registry (distribution 2.8), its binary unpacked
+    from the .deb into the image cache (no service installed or started), storage in tmp_path."""
+    tools = ROOT / "build" / "image" / "cache" / "docker-registry"
+    binary = tools / "usr" / "bin" / "docker-registry"
+    if not binary.exists():
+        tools.mkdir(parents=True, exist_ok=True)
+        sh(["apt-get", "download", "docker-registry"], timeout=300)  # into the cwd, then unpacked
+        (deb,) = Path.cwd().glob("docker-registry_*.deb")
+        try:
+            sh(["dpkg-deb", "-x", str(deb), str(tools)])
+        finally:
+            deb.unlink()
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    proc = subprocess.Popen(
+        [str(binary), "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        assert wait_for(lambda: port_open("127.0.0.1", port), 20), "docker-registry did not listen"
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_push_to_a_registry_and_pull_back(image: str, registry: str) -> None:
+    """`skopeo copy` to a registry (what docs/deploy-image.md tells users to do), then pull and run it."""
+    remote = f"{registry}/team/swaserve:test-cpu"
+    sh(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"containers-storage:{image}",
+            f"docker://{remote}",
+        ]
+    )
+    inspected = json.loads(sh(["skopeo", "inspect", "--tls-verify=false", f"docker://{remote}"]).stdout)
+    assert inspected["RepoTags"] == ["test-cpu"]
+    assert inspected["Labels"]["io.swaserve.variant"] == "cpu"
+    sh(["podman", "rmi", "-f", remote], check=False)
+    try:
+        sh(["podman", "pull", "--quiet", "--tls-verify=false", remote])
+        assert sh([*PODMAN_RUN, remote, "--version"]).stdout.startswith("swaserve ")
+    finally:
+        sh(["podman", "rmi", "-f", remote], check=False)
