@@ -75,7 +75,7 @@ def find_cuda_torch(version: str, dirs: list[Path]) -> Path:
     pattern = f"torch-{version}*-cp311-cp311-*linux*.whl"
     looked: list[str] = []
     others: list[str] = []
-    for d in dirs:
+    for d in dict.fromkeys(dirs):  # each once, in order
         looked.append(str(d))
         if not d.is_dir():
             continue
@@ -88,8 +88,9 @@ def find_cuda_torch(version: str, dirs: list[Path]) -> Path:
         f"no CUDA build of torch {version} for Python 3.11 on local disk{seen}; looked in: "
         f"{', '.join(looked) or '(nowhere)'}.\n"
         f"  The cuda variant installs it offline like every other wheel. On a machine with network:\n"
-        f"    pip download torch=={version} --python-version 3.11 --only-binary=:all: -d WHEELS\n"
-        f"  (PyPI's Linux torch is the CUDA build; its nvidia-* wheels come along), then\n"
+        f"    pip download torch=={version} --no-deps --python-version 3.11 --only-binary=:all: \\\n"
+        f"      --platform manylinux_2_28_x86_64 -d WHEELS\n"
+        f"  (PyPI's Linux torch is the CUDA build; the build fetches its nvidia-* wheels), then\n"
         f"    make image VARIANT=cuda SWASERVE_WHEELHOUSE=WHEELS"
     )
 
