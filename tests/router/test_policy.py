@@ -367,13 +367,16 @@ def test_host_tier_residency_counts_under_the_seed_when_credited() -> None:
     req = request(160, {"evicted": PrefixHit(raw_blocks=0, safe_blocks=0, l2_blocks=9)})
     cands = [cand("evicted", queued_tokens=40), cand("idle")]
     assert _ranked(replace(CFG, seed_l2_credit=True), req, cands)[0] == "evicted"
-    assert _ranked(CFG, req, cands)[0] == "idle"  # without the credit the L2 copy is invisible
+    assert (
+        _ranked(replace(CFG, seed_l2_credit=False), req, cands)[0] == "idle"
+    )  # without the credit: invisible
+    assert _ranked(CFG, req, cands)[0] == "evicted"  # the default credits it
     s = PrefixMatchScorer(replace(CFG, seed_l2_credit=True)).score(req, cands)
     assert s[0] == pytest.approx(CFG.tier_credit.l2 * 9 / 10) and s[1] == 0  # 9 of the 10 pages
-    l2 = replace(CFG, seed_l2_credit=True)
+    l2, off = replace(CFG, seed_l2_credit=True), replace(CFG, seed_l2_credit=False)
     assert (
         Profile.build("prefill", l2.prefill_spec(), l2).reads_l2
-        and not Profile.build("prefill", CFG.prefill_spec(), CFG).reads_l2
+        and not Profile.build("prefill", off.prefill_spec(), off).reads_l2
     )
 
 

@@ -371,7 +371,7 @@ def test_candidate_source_rebuilds_only_when_the_snapshot_changes(redis_server: 
 
 def test_the_cost_policy_credits_a_hit_in_a_workers_host_tier(source: FakeIndexSource) -> None:
     """L2 (tier "l2" events, a one-page window: a tail end is an SWA entry) gives the cost scorer
-    its L2 credit; the seed formula stays L1-only."""
+    and the seed their L2 credit; the seed without it (`seed_l2_credit=False`) is L1-only."""
     l2 = FakeIndexSource(FakePrefixIndex(PAGE, PAGE))
     ids = prompt(20 * PAGE + 3, seed=21)
     hashes = hash_blocks(ids, PAGE)
@@ -381,7 +381,9 @@ def test_the_cost_policy_credits_a_hit_in_a_workers_host_tier(source: FakeIndexS
     d = cost.decide(ids, PREFILL, DECODE)
     assert d.prefill.worker_id == "p2"  # 16 pages at 0.75 beat 2 pages at 1.0
     seed = RoutingPipeline(CFG, source, l2_index=l2)
-    assert seed.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"  # the seed formula: L1 only
+    assert seed.decide(ids, PREFILL, DECODE).prefill.worker_id == "p2"  # host-tier residency is routable
+    l1_only = RoutingPipeline(replace(CFG, seed_l2_credit=False), source, l2_index=l2)
+    assert l1_only.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"
     l2.ready = False  # an L2 index not ready gives no credit
     assert cost.decide(ids, PREFILL, DECODE).prefill.worker_id == "p1"
 
@@ -418,14 +420,18 @@ def test_prepare_takes_a_list_or_an_array_and_keys_by_the_packed_prompt() -> Non
 
 def test_only_a_policy_that_reads_l2_matches_the_l2_index(source: FakeIndexSource) -> None:
     """The L2 index is matched (and followed, services/router/main.py) only for a scorer that reads
-    host-tier hits: the seed formula does not pay for a second match per request."""
+    host-tier hits: a profile without one does not pay for a second match per request."""
     l2 = FakeIndexSource(FakePrefixIndex(PAGE, PAGE))
     calls = []
     real_match = l2.index.match
     l2.index.match = lambda hashes: calls.append(1) or real_match(hashes)  # type: ignore[method-assign]
     ids = prompt(20 * PAGE + 3, seed=22)
-    RoutingPipeline(CFG, source, l2_index=l2).decide(ids, PREFILL, DECODE)
+    l1_only = replace(CFG, seed_l2_credit=False)
+    RoutingPipeline(l1_only, source, l2_index=l2).decide(ids, PREFILL, DECODE)
     assert calls == []
     RoutingPipeline(replace(CFG, prefill_policy="cost"), source, l2_index=l2).decide(ids, PREFILL, DECODE)
     assert calls == [1]
-    assert not policy_reads_l2(CFG) and policy_reads_l2(replace(CFG, prefill_policy="cost"))
+    RoutingPipeline(CFG, source, l2_index=l2).decide(ids, PREFILL, DECODE)  # the default seed reads it
+    assert calls == [1, 1]
+    assert not policy_reads_l2(l1_only) and policy_reads_l2(replace(CFG, prefill_policy="cost"))
+    assert policy_reads_l2(CFG)

@@ -140,7 +140,7 @@ class PolicyConfig:
     decode_profile: ProfileSpec | None = None
     # seed: credit of full-KV-only matched blocks (a branch the worker checkpoints)
     seed_raw_credit: float = 0.0
-    seed_l2_credit: bool = False  # seed: host-tier (L2) blocks count, at tier_credit.l2
+    seed_l2_credit: bool = True  # seed: host-tier (L2) blocks count, at tier_credit.l2
     # seed: normalized_load = load / max(busiest|0, prompt, floor): "busiest" | "prompt"
     load_norm: str = "busiest"
     saturation_s: float = 2.0  # seed: the holder wins while its backlog is below this (0: off)
