@@ -73,7 +73,7 @@ done_step() {  # done_step NAME DETAIL
   SUMMARY+=("$(printf '%-9s %4ss  %s' "$1" "$dt" "${2:-}")")
 }
 stamp() { local t0=$SECONDS line; while IFS= read -r line; do printf '    | %4ss %s\n' $((SECONDS - t0)) "$line"; done; }
-human() { numfmt --to=iec --suffix=B "$1" 2>/dev/null || echo "$1 bytes"; }
+human() { numfmt --to=iec-i --suffix=B --format=%.2f "$1" 2>/dev/null || echo "$1 bytes"; }
 
 # ---- the CUDA wheel must be on disk before anything slow starts -------------------------------------
 TORCH_WHEEL=""
@@ -218,7 +218,8 @@ done_step build "$IMAGE, $(human "$SIZE")"
 RUN=(podman run --rm --network none --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 if [ "$SMOKE" = 1 ]; then
   step "smoke run (podman run --network none)"
-  "${RUN[@]}" "$IMAGE" --help | head -3
+  "${RUN[@]}" "$IMAGE" --help > "$OUT/smoke-help.txt"
+  head -3 "$OUT/smoke-help.txt"
   VOL=swaserve-smoke-models-$$
   podman volume create "$VOL" >/dev/null
   trap 'podman volume rm -f "$VOL" >/dev/null 2>&1 || true' EXIT
