@@ -66,6 +66,7 @@ class KVIndexFollower:
         self.keys = KVKeys(prefix)
         self.pending_key = f"{self.keys.prefix}:pending"  # services/router/residency.py writes it
         self.pending_max_ttl_ms = int(pending_max_ttl_s * 1000)
+        self.follows_pending = tier == "l1"  # routing-time residency is device (L1) residency
         self.block_ms = block_ms
         self.sweep_s = sweep_s
         self.redis = client or make_client(redis_url, socket_timeout=block_ms / 1000 + 2.0)
@@ -202,7 +203,9 @@ class KVIndexFollower:
         self._down_since = 0.0
 
     def _follow(self) -> None:
-        streams = {self.keys.stream: self._last_id, self.pending_key: self._last_pending_id}
+        streams = {self.keys.stream: self._last_id}
+        if self.follows_pending:
+            streams[self.pending_key] = self._last_pending_id
         res: Any = self.redis.xread(streams, count=512, block=self.block_ms)  # type: ignore[arg-type]
         if not res:
             self._lag = 0.0
@@ -216,7 +219,13 @@ class KVIndexFollower:
         if not entries:
             self._lag = 0.0
             return
+        tier = self.tier.encode()
         for entry_id, fields in entries:
+            if (
+                fields.get(b"t") != tier
+            ):  # another tier's entry: not decoded (its ops can be thousands of hashes)
+                self._last_id = entry_id.decode()
+                continue
             try:
                 entry = StreamEntry.from_fields(fields)
             except (KeyError, ValueError) as e:
@@ -250,6 +259,8 @@ class KVIndexFollower:
 
     def _load_pending(self) -> None:
         """Rebuild the pending entries from the stream's last `pending_max_ttl` (a (re)load)."""
+        if not self.follows_pending:
+            return
         now_ms = _redis_ms(self.redis.time())
         got: Any = self.redis.xrange(self.pending_key, min=str(max(0, now_ms - self.pending_max_ttl_ms)))
         self.index.clear_pending()

@@ -261,3 +261,20 @@ def test_whole_pages_come_packed_from_the_hash_chain(seed: int) -> None:
     assert full == want == whole_pages(prompt, PAGE) and packed == pack_hashes(want)
     as_list = replace(prompt, block_hashes=list(prompt.block_hashes))
     assert whole_pages_packed(as_list, PAGE) == (want, b"")  # no chain bytes: the writer packs them
+
+
+def test_a_host_tier_follower_takes_no_pending_entries(
+    redis_server: RedisServer, followers: list[KVIndexFollower]
+) -> None:
+    """Pending entries announce device (L1) residency: the L2 index never holds them."""
+    a = followers[0]
+    l2 = KVIndexFollower(redis_server.url, PAGE, PAGE, tier="l2", block_ms=50).start()
+    res = RoutedResidency(POLICY, a.index, redis_server.url)
+    try:
+        p, d = route(RoutingPipeline(POLICY, a), prompt(100), [cand("w")])
+        res.record("r", d, p)
+        assert res.flush() and wait_for(lambda: "r" in followers[1].index.pending)
+        assert l2.sync() and len(l2.index.pending) == 0
+    finally:
+        res.close()
+        l2.close()
