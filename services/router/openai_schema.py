@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -198,15 +199,17 @@ class CompletionRequest(GenerationRequest):
 
 def _token_ids(v: list[Any]) -> TokenIds | None:
     """A flat list of token ids (JSON ints in [0, 2**32), bools excluded) as an array("I"), else
-    None. Two C-speed passes: the array takes ints and bools only, and bools are found in the
-    list's JSON (digits, commas and brackets unless a true or false is there)."""
+    None. The array takes ints and bools only; a bool can only be where the array holds 0 or 1, so
+    only those places are looked at (numpy finds them), or, when there are many, the list's JSON
+    (digits, commas and brackets unless a true or false is there)."""
     try:
         ids = array.array("I", v)
     except (OverflowError, TypeError):
         return None
-    if b"e" in orjson.dumps(v):  # "true" / "false"
-        return None
-    return ids
+    low = np.flatnonzero(np.frombuffer(ids, dtype=np.uint32) <= 1) if ids else ()
+    if len(low) > 64:
+        return None if b"e" in orjson.dumps(v) else ids  # "true" / "false"
+    return None if any(type(v[i]) is bool for i in low) else ids
 
 
 def _is_token(t: Any) -> bool:

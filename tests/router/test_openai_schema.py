@@ -48,3 +48,22 @@ def test_anything_else_is_refused_on_the_prompt_field(p: Any) -> None:
     with pytest.raises(ValidationError) as e:
         _prompt(p)
     assert [err["loc"] for err in e.value.errors()] == [("prompt",)]
+
+
+def test_token_ids_reject_bools_anywhere_like_a_plain_check() -> None:
+    """_token_ids against the plain definition, on random lists with bools, 0s and 1s placed anywhere."""
+    import random
+
+    from services.router.openai_schema import _token_ids
+
+    rng = random.Random(5)
+    for _ in range(300):
+        n = rng.choice([1, 5, 80, 2000])
+        v: list[object] = [rng.choice([0, 1, rng.randrange(2**32)]) for _ in range(n)]
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            v[rng.randrange(n)] = rng.choice([True, False])
+        plain = all(type(t) is int and 0 <= t < 2**32 for t in v)
+        got = _token_ids(v)
+        assert (got is not None) == plain
+        if got is not None:
+            assert list(got) == v

@@ -115,8 +115,8 @@ TIE_CREDIT = 1e-3  # sticky: weight of full-KV-only pages when choosing the hold
 class StickyScorer(Scorer):
     """Sticky until saturated: 1 for the candidates holding the longest full-KV prefix of the prompt
     (pending entries included; at least `sticky_min_fraction` of it, so that a shared system prompt
-    makes no holder) whose backlog is below `saturation_s` seconds of prefill at their speed, 0 for
-    the others. With a weight above the other scorers' range the holder wins until it is saturated;
+    makes no holder) whose backlog exceeds the least busy candidate's by less than `saturation_s`
+    seconds of prefill at their speed, 0 for the others. With a weight above the other scorers' range the holder wins until it is saturated;
     past that the seed's terms decide alone. Chosen on traces (docs/router.md)."""
 
     name = "sticky"
@@ -138,10 +138,14 @@ class StickyScorer(Scorer):
         top = [i for i, m in enumerate(match) if m >= best - 1e-12]
         if best <= 0 or max(reach[i] for i in top) < cfg.sticky_min_fraction:  # a system prompt: no holder
             return [0.0] * len(cands)
+        # saturated: its backlog exceeds the least busy candidate's by `saturation_s` of prefill
+        # (relative, so that a fleet that is behind as a whole keeps its conversations in place)
+        least = min((c.load_tokens for c in cands), default=0)
         out = []
         for c, m in zip(cands, match, strict=True):
             tps = c.tokens_per_s or cfg.prefill_tokens_per_s
-            out.append(1.0 if m >= best - 1e-12 and c.load_tokens / tps < cfg.saturation_s else 0.0)
+            ahead = (c.load_tokens - least) / tps
+            out.append(1.0 if m >= best - 1e-12 and ahead < cfg.saturation_s else 0.0)
         return out
 
 
