@@ -294,7 +294,8 @@ class Models(Closed):
 
 class Image(Closed):
     repository: str = "swaserve"
-    tag: str = Field(default="", description="'': the chart's appVersion")
+    tag: str = Field(default="", description="'': <appVersion>-<variant>, as `make image` tags it")
+    variant: Literal["cpu", "cuda"] = Field(default="cpu", description="the image's torch build (Containerfile VARIANT)")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     pull_secrets: list[str] = Field(default_factory=list)
 
