@@ -26,7 +26,7 @@ import heapq
 import math
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.replay.ideal import ideal_hit_tokens
@@ -115,6 +115,7 @@ def simulate(
     capacity_tokens: int = 1 << 20,
     chunk_size: int = 16384,
     event_delay_s: float = 0.005,
+    load_gap_s: float = 0.05,
     ideal: float = 0.0,
     cost: CostModel | None = None,
 ) -> Result:
@@ -154,6 +155,19 @@ def simulate(
     busy = [0.0] * workers
     placed: dict[int, int] = {}
     cached_by: dict[int, int] = {}
+    seen: list[tuple[float, Candidate] | None] = [None] * workers  # the registry's last record of each
+
+    def loads() -> list[Candidate]:
+        """What the registry says: a worker publishes at once when it turns idle, else at most
+        every `load_gap_s` (services/common/registry.py)."""
+        out = []
+        for k, w in enumerate(fleet):
+            held = seen[k]
+            idle = not w.sched.running and not w.sched.waiting
+            if held is None or idle or clock.t - held[0] >= load_gap_s:
+                held = seen[k] = (clock.t, replace(w.candidate(), updated_at=clock.t))
+            out.append(held[1])
+        return out
 
     def start_step(w: Worker, k: int) -> None:
         nonlocal seq
@@ -173,7 +187,7 @@ def simulate(
         if kind == "arrive":
             i, ids = payload  # type: ignore[misc]
             prompt = pipe.prepare(ids)
-            d = pipe.decide(prompt, [w.candidate() for w in fleet], decode)
+            d = pipe.decide(prompt, loads(), decode)
             rid = f"r{i}"
             if residency is not None and d.reason not in ("index_unavailable", "no_index"):
                 residency.record(rid, d, prompt)
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[8])
     p.add_argument("--window", type=int, nargs="+", default=[128, 0])
     p.add_argument("--event-delay-ms", type=float, default=5.0)
+    p.add_argument("--load-gap-ms", type=float, default=50.0, help="a busy worker's loads reach the router this often")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=ROUTER FLAGS (repeat); default: the seed as shipped, and without pending")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="one trace, 8 workers, a 120 s slice")
@@ -286,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 for win in a.window:
                     for name, flags in variants:
                         r = simulate(arrivals, variant_config(flags, win), nw, win, ideal=ideal,
-                                     event_delay_s=a.event_delay_ms / 1000)  # fmt: skip
+                                     event_delay_s=a.event_delay_ms / 1000, load_gap_s=a.load_gap_ms / 1000)  # fmt: skip
                         line = (f"| {trace.stem} | {nw} | {x:g} | {win} | {name} | {r.hit:.1%} | "
                                 f"{r.hit / ideal if ideal else 0:.1%} | {r.p50_ms:,.0f} | {r.p90_ms:,.0f} | "
                                 f"{r.load_over_cache:.1%} | {r.mae:.2%} | {r.phantom:.2%} | {r.imbalance:.2f} |")  # fmt: skip

@@ -45,6 +45,8 @@ class PendingEntry:
     swa: tuple[BlockHash, ...]  # page hashes whose SWA KV the worker will keep (a subset of full)
     deadline: float  # wall clock (time.time()) after which the entry is dropped
     incarnation: str = ""  # the worker's start id as the router knew it ("" = unknown)
+    tokens: int = 0  # prompt tokens the worker is expected to compute for it (its load until it reports)
+    at: float = 0.0  # wall clock of the decision
 
     def __post_init__(self) -> None:
         if not self.full:
@@ -101,6 +103,12 @@ class PendingLayer:
 
     def of_bit(self, bit: int) -> list[PendingEntry]:
         return [self._entries[p][0] for p in self._by_bit.get(bit, ())]
+
+    def tokens_since(self, bit: int, since: float) -> int:
+        """Tokens of the worker's entries decided after `since` (its last load report): work routed
+        to it that its published load cannot show yet."""
+        entries = self._entries
+        return sum(e.tokens for e in (entries[p][0] for p in self._by_bit.get(bit, ())) if e.at >= since)
 
     def add(self, entry: PendingEntry, bit: int) -> bool:
         """Add the entry for the worker with bit `bit`; False if its pid is already here."""

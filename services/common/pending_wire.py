@@ -51,6 +51,7 @@ class PendingMessage:
     swa: tuple[BlockHash, ...] = ()
     # `full` already in its wire form (the router's PageHashes.packed()), or b"": packed when sent
     full_packed: bytes = field(default=b"", compare=False, repr=False)
+    tokens: int = 0  # prompt tokens the worker will compute for it (pending load)
 
     def __post_init__(self) -> None:
         if self.full_packed and len(self.full_packed) != HASH_BYTES * len(self.full):
@@ -60,7 +61,7 @@ class PendingMessage:
         f: dict[str, str | bytes] = {"k": self.kind, "p": self.pid, "w": self.worker, "e": self.incarnation}
         if self.kind == "pend":
             full = self.full_packed or pack_hashes(self.full)
-            f |= {"ttl": str(self.ttl_ms), "f": full, "s": pack_hashes(self.swa)}
+            f |= {"ttl": str(self.ttl_ms), "f": full, "s": pack_hashes(self.swa), "u": str(self.tokens)}
         return f
 
     @staticmethod
@@ -81,18 +82,19 @@ class PendingMessage:
         full, swa = unpack_hashes(f.get(b"f", b"")), unpack_hashes(f.get(b"s", b""))
         if not full:
             raise ValueError("a pend entry without pages")
-        return cls("pend", msg.pid, msg.worker, msg.incarnation, int(f[b"ttl"]), full, swa)
+        tokens = int(f.get(b"u", b"0"))
+        return cls("pend", msg.pid, msg.worker, msg.incarnation, int(f[b"ttl"]), full, swa, tokens=tokens)
 
     def entry(self, written_ms: int) -> PendingEntry:
         """The entry as the index holds it: deadline = the stream id's time + TTL."""
         return PendingEntry(self.pid, self.worker, self.full, self.swa, (written_ms + self.ttl_ms) / 1000,
-                            self.incarnation)  # fmt: skip
+                            self.incarnation, self.tokens, written_ms / 1000)  # fmt: skip
 
     @classmethod
     def of(cls, entry: PendingEntry, ttl_ms: int, full_packed: bytes = b"") -> PendingMessage:
         """`full_packed`: `entry.full` as `pack_hashes` writes it, if the caller has it already."""
         return cls("pend", entry.pid, entry.worker, entry.incarnation, ttl_ms, entry.full, entry.swa,
-                   full_packed)  # fmt: skip
+                   full_packed, entry.tokens)  # fmt: skip
 
 
 __all__ = ["PendKind", "PendingMessage", "pack_hashes", "unpack_hashes"]

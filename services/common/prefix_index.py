@@ -136,6 +136,12 @@ class PrefixIndex:
             self.pending.dropped += gone
             return gone
 
+    def pending_tokens(self, worker_id: str, since: float) -> int:
+        """Tokens routed to the worker after `since` (its last load report) by pending entries."""
+        with self._lock:
+            bit = self._bit.get(worker_id)
+            return 0 if bit is None or not len(self.pending) else self.pending.tokens_since(bit, since)
+
     def pending_of(self, worker_id: str) -> list[PendingEntry]:
         with self._lock:
             bit = self._bit.get(worker_id)

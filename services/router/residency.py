@@ -88,8 +88,9 @@ class RoutedResidency:
         raw_pages = decision.raw_match_tokens // cfg.page_size
         branch = raw_pages if decision.raw_match_tokens > decision.safe_match_tokens else 0
         ttl_s = self.ttl_s(c.queued_tokens + decision.uncached_tokens, c.tokens_per_s)
-        entry = PendingEntry(rid, c.worker_id, full, swa_pages(full, need, branch), self.clock() + ttl_s,
-                             c.incarnation)  # fmt: skip
+        now = self.clock()
+        entry = PendingEntry(rid, c.worker_id, full, swa_pages(full, need, branch), now + ttl_s,
+                             c.incarnation, decision.uncached_tokens, now)  # fmt: skip
         if not self.index.add_pending(entry):
             return None
         self.recorded += 1

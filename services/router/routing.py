@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from services.common.block_hash import BlockHash
@@ -184,6 +184,8 @@ class RoutingPipeline:
             index_usable=usable,
             model=self.model,
         )
+        if usable:
+            prefill = self._with_pending_load(prefill)
         pre = self.prefill_profile.rank(req, _avoid(prefill, exclude))
         if decode_ranking is None:
             decode_ranking = self.rank_decode(
@@ -209,6 +211,20 @@ class RoutingPipeline:
             decode_ranking=tuple(decode_ranking),
             scores=pre.scores,
         )
+
+    def _with_pending_load(self, cands: Sequence[Candidate]) -> Sequence[Candidate]:
+        """Each worker's load plus the tokens routed to it (pending entries, this replica's and the
+        others') after its last load report: a burst's decisions see each other at once, not when
+        the worker next publishes (at most every 50 ms: services/common/registry.py)."""
+        idx = getattr(self.index, "index", None)
+        tokens = getattr(idx, "pending_tokens", None)
+        if tokens is None or not len(getattr(idx, "pending", ())):
+            return cands
+        out = []
+        for c in cands:
+            extra = tokens(c.worker_id, c.updated_at) if c.has_load else 0
+            out.append(replace(c, queued_tokens=c.queued_tokens + extra) if extra else c)
+        return out
 
     def index_usable(self) -> bool:
         src = self.index
@@ -309,6 +325,7 @@ def candidate_from_record(r: WorkerRecord, healthy: bool = True) -> Candidate:
         has_load=True,
         healthy=healthy,
         incarnation=r.start_id,
+        updated_at=r.updated_at,
     )
 
 

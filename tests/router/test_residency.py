@@ -278,3 +278,27 @@ def test_a_host_tier_follower_takes_no_pending_entries(
     finally:
         res.close()
         l2.close()
+
+
+def test_pending_load_counts_until_the_workers_next_load_report() -> None:
+    """Work routed to a worker after its last load report counts as its load (a burst's decisions
+    see each other); once the worker reports after the decision, its own load says it."""
+    from services.common.pending_residency import PendingEntry
+    from services.common.prefix_index import PrefixIndex
+
+    class Source:
+        def __init__(self, index: PrefixIndex) -> None:
+            self.index, self.ready, self.redis_ok = index, True, True
+
+    index = PrefixIndex(PAGE, WINDOW)
+    pipe = RoutingPipeline(replace(POLICY, pending_ttl_max_s=60.0), Source(index))  # type: ignore[arg-type]
+    other = tuple(hash_blocks(prompt(64, 50_000), PAGE))
+    now = 1_000_000.0
+    index.clock = lambda: now
+    index.add_pending(PendingEntry("busy", "w0", other, (), now + 30, "", tokens=50_000, at=now - 1))
+    assert index.pending_tokens("w0", now - 2) == 50_000 and index.pending_tokens("w0", now) == 0
+    ids = prompt(300, 9_000)
+    stale = [replace(cand("w0"), updated_at=now - 2), replace(cand("w1"), updated_at=now - 2)]
+    assert pipe.decide(ids, stale, [cand("decode")]).prefill.worker_id == "w1"
+    fresh = [replace(cand("w0"), updated_at=now), replace(cand("w1", queued=100), updated_at=now)]
+    assert pipe.decide(ids, fresh, [cand("decode")]).prefill.worker_id == "w0"  # w0 reported since: idle

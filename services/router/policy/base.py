@@ -46,6 +46,7 @@ class Candidate:
     has_load: bool = False
     healthy: bool = True
     incarnation: str = ""  # the registry record's start_id: fences residency of an earlier process
+    updated_at: float = 0.0  # wall clock of the load report (pending entries after it add to it)
 
     @property
     def running_tokens(self) -> int:
