@@ -36,6 +36,7 @@ for each new pod:
 
 from __future__ import annotations
 
+import atexit
 import base64
 import http.client
 import os
@@ -158,7 +159,13 @@ class ProcessKubeletStandIn:
 
     def start(self) -> ProcessKubeletStandIn:
         self._thread.start()
+        atexit.register(self._kill_all)  # a test run that dies skips stop(): no process outlives it
         return self
+
+    def _kill_all(self) -> None:
+        for run in list(self.runs.values()):
+            for p in run.live_procs():
+                _signal_group(p, signal.SIGKILL)
 
     def pids(self) -> list[int]:
         """Every process the stand-in started and has not seen exit."""
@@ -185,6 +192,7 @@ class ProcessKubeletStandIn:
             run.request_stop()
         for run in runs:
             run.join(timeout=self.max_grace_s + 15)
+        atexit.unregister(self._kill_all)
 
     def next_ip(self) -> str:
         self._next_host += 1

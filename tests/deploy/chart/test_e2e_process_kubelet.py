@@ -4,7 +4,9 @@ stand-in (tests/k8s/process_kubelet.py) runs each pod's init containers and cont
 processes on the pod's own loopback IP. The built-in tiny model is written by the pods' init
 containers; Redis is a real redis-server the test starts (the chart's external Redis URL), since
 Services do not route here. The router finds the workers by watching pods with its own service
-account's token; the request goes to a router pod's IP with the official `openai` client."""
+account's token; the request goes to a router pod's IP with the official `openai` client. Then the
+decode pod is deleted and its replacement (a new IP) answers the next request; the uninstall
+leaves no process behind."""
 
 from __future__ import annotations
 
@@ -107,6 +109,20 @@ def alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][:1] != "Z"
 
 
+def ask(base: str) -> None:
+    """One chat completion through the router at `base`; a real answer with usage."""
+    api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    resp = api.chat.completions.create(
+        model="mimo-tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
+    )
+    assert resp.model == "mimo-tiny"
+    assert isinstance(resp.choices[0].message.content, str)
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage is not None and resp.usage.prompt_tokens > 0
+    assert 1 <= resp.usage.completion_tokens <= 8
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
 def test_helm_install_answers_openai_request(
     k8s_cluster: K8sCluster, k8s_namespace: str, redis_url: str, kubelet: ProcessKubeletStandIn
 ) -> None:
@@ -125,20 +141,21 @@ def test_helm_install_answers_openai_request(
         with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:  # noqa: S310 - loopback
             assert r.status == 200
         t1 = time.monotonic()
-        api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
-        resp = api.chat.completions.create(
-            model="mimo-tiny",
-            messages=[{"role": "user", "content": "Say hello."}],
-            max_tokens=8,
-            temperature=0,
-        )
+        ask(base)
         request_s = time.monotonic() - t1
-        assert resp.model == "mimo-tiny"
-        assert isinstance(resp.choices[0].message.content, str)
-        assert resp.choices[0].finish_reason in ("length", "stop")
-        assert resp.usage is not None and resp.usage.prompt_tokens > 0
-        assert 1 <= resp.usage.completion_tokens <= 8
-        assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+        # the decode pod is deleted: the stand-in stops its process, the ReplicaSet makes a new pod
+        # on a new IP, and the router (its watch) routes the next request there
+        (old,) = [p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "decode"]
+        (old_run,) = [r for r in kubelet.runs.values() if r.name == old["metadata"]["name"]]
+        old_pid = old_run.procs["decode"].pid
+        t2 = time.monotonic()
+        core.delete_namespaced_pod(old["metadata"]["name"], ns)
+        pods = wait_ready(core, ns, kubelet, count=4, timeout=120)
+        (new,) = [p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "decode"]
+        assert new["status"]["podIP"] != old["status"]["podIP"] and not alive(old_pid)
+        ask(base)
+        restart_s = time.monotonic() - t2
 
         pids = kubelet.pids()
         assert len(pids) == 4 and all(alive(p) for p in pids)
@@ -149,4 +166,7 @@ def test_helm_install_answers_openai_request(
         time.sleep(0.2)
     assert not [p for p in pids if alive(p)] and not kubelet.pids()
     assert not kubelet.errors and not kubelet.exits, (kubelet.errors, kubelet.exits)
-    print(f"ready {ready_s:.1f}s after install; one request {request_s:.2f}s; all processes gone")
+    print(
+        f"ready {ready_s:.1f}s after install; one request {request_s:.2f}s; decode replaced and answering"
+        f" {restart_s:.1f}s after its delete; all processes gone"
+    )
