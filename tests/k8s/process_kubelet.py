@@ -50,87 +50,15 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client
 
+from tests.k8s.pod_spec import ImageConfig, MountMap, expand, field_value, port_number, swaserve_image
+
 FINALIZER = "swaserve.test/process-kubelet-standin"
-NODE_NAME = "process-kubelet-standin"  # spec.nodeName of a pod nobody scheduled
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """What the stand-in knows of an image: its ENTRYPOINT, CMD, ENV and WORKDIR."""
-
-    entrypoint: tuple[str, ...]
-    cmd: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    workdir: str = ""
-
-
-def swaserve_image() -> ImageConfig:
-    """The Containerfile's image, played by this checkout's venv (`tini -- swaserve` -> the swaserve script)."""
-    script = Path(sys.executable).parent / "swaserve"
-    env = {"SWASERVE_HOME": "/var/lib/swaserve", "HOME": "/var/lib/swaserve", "PYTHONUNBUFFERED": "1"}
-    return ImageConfig((str(script),), ("--help",), env | {"SWASERVE_VARIANT": "cpu"}, "/var/lib/swaserve")
-
-
-# -- Kubernetes' rules, as pure functions -------------------------------------------------------------
-def expand(text: str, env: Mapping[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: a known name is replaced, an unknown one stays as written,
-    `$$` is a literal `$` (so `$$(X)` gives `$(X)`)."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "$" and i + 1 < len(text):
-            if text[i + 1] == "$":
-                out.append("$")
-                i += 2
-                continue
-            if text[i + 1] == "(" and (j := text.find(")", i + 2)) != -1:
-                name = text[i + 2 : j]
-                out.append(env[name] if name in env else text[i : j + 1])
-                i = j + 1
-                continue
-        out.append(text[i])
-        i += 1
-    return "".join(out)
-
-
-def field_value(pod: dict[str, Any], path: str) -> str:
-    """A downward-API fieldRef of the pod (as a dict in the API's camelCase)."""
-    meta, spec, status = pod["metadata"], pod["spec"], pod.get("status") or {}
-    if m := re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path):
-        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
-    simple = {
-        "metadata.name": meta["name"],
-        "metadata.namespace": meta["namespace"],
-        "metadata.uid": meta.get("uid", ""),
-        "spec.nodeName": spec.get("nodeName") or NODE_NAME,
-        "spec.serviceAccountName": spec.get("serviceAccountName") or "default",
-        "status.podIP": status.get("podIP", ""),
-        "status.hostIP": status.get("hostIP", ""),
-    }
-    if path not in simple:
-        raise ValueError(f"pod {meta['name']}: fieldRef {path!r} is not supported by the stand-in")
-    return str(simple[path])
-
-
-class MountMap:
-    """Container paths (mountPath -> host folder) rewritten inside strings, longest mountPath first;
-    the wildcard address goes to the pod's IP."""
-
-    def __init__(self, mounts: Mapping[str, Path], pod_ip: str) -> None:
-        self.mounts = sorted(mounts.items(), key=lambda kv: -len(kv[0]))
-        self.pod_ip = pod_ip
-
-    def rewrite(self, text: str) -> str:
-        for mount, host in self.mounts:
-            pattern = r"(?<![\w./-])" + re.escape(mount.rstrip("/")) + r"(?=/|$|[^\w.-])"
-            text = re.sub(pattern, str(host).replace("\\", "\\\\"), text)
-        return re.sub(r"(?<![\d.])0\.0\.0\.0(?![\d.])", self.pod_ip, text)
 
 
 # -- the stand-in --------------------------------------------------------------------------------------
@@ -329,7 +257,7 @@ class PodRun(threading.Thread):
         timeout = float(probe.get("timeoutSeconds", 1))
         if "httpGet" in probe:
             get = probe["httpGet"]
-            host, port = get.get("host") or self.ip, _port(container, get["port"])
+            host, port = get.get("host") or self.ip, port_number(container, get["port"])
             try:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
                 conn.request("GET", get.get("path", "/"))
@@ -341,7 +269,7 @@ class PodRun(threading.Thread):
         if "tcpSocket" in probe:
             try:
                 socket.create_connection(
-                    (self.ip, _port(container, probe["tcpSocket"]["port"])), timeout
+                    (self.ip, port_number(container, probe["tcpSocket"]["port"])), timeout
                 ).close()
             except OSError:
                 return False
@@ -540,15 +468,6 @@ class PodRun(threading.Thread):
                     raise
                 time.sleep(0.1)
         self.k.errors.append(f"{self.name}: the finalizer could not be removed")
-
-
-def _port(container: dict[str, Any], port: int | str) -> int:
-    if isinstance(port, int) or str(port).isdigit():
-        return int(port)
-    for p in container.get("ports") or []:
-        if p.get("name") == port:
-            return int(p["containerPort"])
-    raise ValueError(f"container {container['name']}: no port named {port!r}")
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

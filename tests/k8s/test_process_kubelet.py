@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s.process_kubelet import NODE_NAME, MountMap, expand, field_value
+from tests.k8s.pod_spec import NODE_NAME, MountMap, expand, field_value
 
 ENV = {"A": "a", "POD_IP": "10.1.2.3", "EMPTY": ""}
 
