@@ -230,6 +230,11 @@ def _stop_shared() -> None:
 # -- pytest fixtures (import them into a conftest.py) ------------------------------------------------
 @pytest.fixture(scope="session")
 def k8s_cluster() -> Iterator[K8sCluster]:
+    up = tools_dir() / "up.sh"
+    if not up.is_file() and not os.environ.get("SWASERVE_REQUIRE_K8S"):
+        # the control plane's scripts (and its prebuilt binaries or their build script) live in the
+        # workplace's shared/tools/k8s: a machine without them cannot run these tests at all
+        pytest.skip(f"no Kubernetes control plane here: {up} is missing (set SWASERVE_K8S_TOOLS)")
     cluster = shared_cluster()
     cluster.users += 1
     try:
