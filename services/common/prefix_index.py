@@ -170,6 +170,11 @@ class PrefixIndex:
         """Every worker's (full, swa) block hashes: two indexes are equal iff their states are."""
         return {w: self.blocks(w) for w in sorted(self.workers())}
 
+    def cached_pages(self) -> dict[str, int]:
+        """Full-KV pages each worker holds (its cache's footprint, as its events say)."""
+        with self._lock:
+            return {w: len(b["full"]) for w, b in self._blocks.items()}
+
     def num_blocks(self) -> tuple[int, int]:
         """Distinct (full, swa) block hashes over all workers."""
         with self._lock:

@@ -124,6 +124,9 @@ class RoutingPipeline:
         self.prefill_profile = Profile.build("prefill", config.prefill_spec(), config)
         self.decode_profile = Profile.build("decode", config.decode_spec(), config)
         self._reads_l2 = self.prefill_profile.reads_l2  # else the L2 index is never matched
+        self._reads_pages = any(
+            ws.plugin.name == "cache_room" and ws.weight for ws in self.prefill_profile.scorers
+        )
         self.index_errors = 0
         self._usable_last: bool | None = None
 
@@ -181,6 +184,7 @@ class RoutingPipeline:
             page_size=self.config.page_size,
             key=p.key,
             matches=self._matches(p.block_hashes) if usable else {},
+            cached_pages=self._cached_pages() if usable and self._reads_pages else {},
             index_usable=usable,
             model=self.model,
         )
@@ -211,6 +215,10 @@ class RoutingPipeline:
             decode_ranking=tuple(decode_ranking),
             scores=pre.scores,
         )
+
+    def _cached_pages(self) -> dict[str, int]:
+        pages = getattr(getattr(self.index, "index", None), "cached_pages", None)
+        return pages() if pages is not None else {}
 
     def _with_pending_load(self, cands: Sequence[Candidate]) -> Sequence[Candidate]:
         """Each worker's load plus the tokens routed to it (pending entries, this replica's and the

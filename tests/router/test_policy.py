@@ -416,3 +416,13 @@ def test_load_norm_measures_the_backlog_against_the_busiest_or_the_prompt(load_n
     assert s == ([0.0, 0.5] if load_norm == "busiest" else [-3.0, -1.0])
     with pytest.raises(ValueError):
         replace(CFG, load_norm="queue")
+
+
+def test_cache_room_prefers_the_smallest_cache_and_is_off_by_default() -> None:
+    from services.router.policy.scorers import CacheRoomScorer
+
+    req = replace(request(160), cached_pages={"big": 900, "small": 100})
+    cands = [cand("big"), cand("small"), cand("empty")]
+    assert CacheRoomScorer(CFG).score(req, cands) == pytest.approx([0.0, 8 / 9, 1.0])
+    assert "cache_room" not in dict(CFG.prefill_spec().scorers)
+    assert dict(replace(CFG, cache_room_weight=0.5).prefill_spec().scorers)["cache_room"] == 0.5

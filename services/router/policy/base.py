@@ -85,6 +85,7 @@ class RouteRequest:
     l3_blocks: int = 0  # safe prefix in the cluster-wide L3 tier (GCache), any worker can load it
     index_usable: bool = False
     model: str = ""  # the router's model; "" = any
+    cached_pages: Mapping[str, int] = field(default_factory=dict)  # by worker_id: its cache's footprint
 
     @property
     def query_blocks(self) -> int:

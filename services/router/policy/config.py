@@ -145,6 +145,7 @@ class PolicyConfig:
     load_norm: str = "busiest"
     saturation_s: float = 2.0  # seed: the holder wins while its backlog is below this (0: off)
     sticky_min_fraction: float = 0.5  # seed: a holder sticks only with at least this match fraction
+    cache_room_weight: float = 0.0  # seed: weight of the cache_room scorer (even cache footprints)
     sticky_weight: float = 10.0  # seed: weight of the sticky scorer (above the others' range)
     match_scale_tokens: int = 0  # seed: > 0 scores matched tokens / this, not the matched fraction
     pending: bool = True  # routing-time residency: a decision counts as the worker's cache at once
@@ -221,6 +222,8 @@ def _seed(c: PolicyConfig) -> ProfileSpec:
     scorers: tuple[tuple[str, float], ...] = (("prefix_match", c.match_weight), ("load", 1.0))
     if c.saturation_s > 0:
         scorers += (("sticky", c.sticky_weight),)
+    if c.cache_room_weight > 0:
+        scorers += (("cache_room", c.cache_room_weight),)
     return ProfileSpec(PREFILL_FILTERS, scorers)
 
 
@@ -270,6 +273,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--saturation-s", type=float, help="seed: the holder wins below this backlog, seconds (0: off)"
     )
+    g.add_argument("--cache-room-weight", type=float, help="seed: weight of even cache footprints (0)")
     g.add_argument("--sticky-min-fraction", type=float, help="seed: least match fraction that sticks (0.5)")
     g.add_argument(
         "--match-scale-tokens", type=parse_tokens, help="seed: score matched tokens / this (0: fraction)"
@@ -300,6 +304,7 @@ _FLAG_FIELDS = {
     "load_norm": "load_norm",
     "saturation_s": "saturation_s",
     "sticky_min_fraction": "sticky_min_fraction",
+    "cache_room_weight": "cache_room_weight",
     "match_scale_tokens": "match_scale_tokens",
     "pending_ttl_max": "pending_ttl_max_s",
 }

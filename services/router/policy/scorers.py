@@ -189,6 +189,19 @@ class CostScorer(Scorer):
         return self.config.prefill_overhead_s + work / tps
 
 
+class CacheRoomScorer(Scorer):
+    """1 - the worker's cached pages / the most any candidate caches: new prefixes go where the
+    cache is smallest, so that the fleet's caches fill evenly and evict late (what sglang-router's
+    cache_aware does with its smallest tree). 0 weight in the presets unless chosen on traces."""
+
+    name = "cache_room"
+
+    def score(self, req: RouteRequest, cands: Sequence[Candidate]) -> list[float]:
+        pages = [req.cached_pages.get(c.worker_id, 0) for c in cands]
+        top = max(pages, default=0)
+        return [1.0 - p / top if top else 1.0 for p in pages]
+
+
 class FreeKVScorer(Scorer):
     """Free KV tokens relative to the candidate with the most (unknown load counts as the most)."""
 
