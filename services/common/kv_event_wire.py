@@ -14,6 +14,7 @@ Keys, per source (a worker's tier):
     {prefix}:{tier}:{worker}:meta   hash: e (epoch), n (seq), page_size, window, w, t, updated
     {prefix}:sources                set of "{tier}|{worker}"
     {prefix}:stream                 stream of StreamEntry fields {w, t, e, n, k, ops}
+    {prefix}:pending                stream of the routers' pending entries (pending_wire.py)
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class KVKeys:
         self.prefix = prefix.rstrip(":")
         self.stream = f"{self.prefix}:stream"
         self.sources = f"{self.prefix}:sources"
+        self.pending = f"{self.prefix}:pending"  # routing-time residency (pending_wire.py)
 
     def source(self, tier: str, worker: str) -> str:
         return f"{tier}|{worker}"

@@ -64,7 +64,6 @@ class KVIndexFollower:
     ) -> None:
         self.page_size, self.window, self.tier = page_size, window, tier
         self.keys = KVKeys(prefix)
-        self.pending_key = f"{self.keys.prefix}:pending"  # services/router/residency.py writes it
         self.pending_max_ttl_ms = int(pending_max_ttl_s * 1000)
         self.follows_pending = tier == "l1"  # routing-time residency is device (L1) residency
         self.block_ms = block_ms
@@ -205,14 +204,14 @@ class KVIndexFollower:
     def _follow(self) -> None:
         streams = {self.keys.stream: self._last_id}
         if self.follows_pending:
-            streams[self.pending_key] = self._last_pending_id
+            streams[self.keys.pending] = self._last_pending_id
         res: Any = self.redis.xread(streams, count=512, block=self.block_ms)  # type: ignore[arg-type]
         if not res:
             self._lag = 0.0
             return
         entries: list[Any] = []
         for key, got in res:
-            if key.decode() == self.pending_key:
+            if key.decode() == self.keys.pending:
                 self._apply_pending(got)
             else:
                 entries = got
@@ -262,7 +261,7 @@ class KVIndexFollower:
         if not self.follows_pending:
             return
         now_ms = _redis_ms(self.redis.time())
-        got: Any = self.redis.xrange(self.pending_key, min=str(max(0, now_ms - self.pending_max_ttl_ms)))
+        got: Any = self.redis.xrange(self.keys.pending, min=str(max(0, now_ms - self.pending_max_ttl_ms)))
         self.index.clear_pending()
         self._last_pending_id = got[-1][0].decode() if got else f"{max(0, now_ms - 1)}-0"
         self._apply_pending(got)

@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from services.common.block_hash import HASH_BYTES, ROOT_HASH, BlockHash, block_digests, hashes_of
-from services.common.kv_event_wire import DEFAULT_PREFIX, make_client
+from services.common.kv_event_wire import DEFAULT_PREFIX, KVKeys, make_client
 from services.common.pending_residency import PendingEntry, swa_pages
 from services.common.pending_wire import PendingMessage
 from services.common.prefix_index import PrefixIndex
@@ -40,10 +40,6 @@ from services.router.routing import Prompt, RoutingDecision
 log = logging.getLogger("swaserve.router.residency")
 
 MAX_QUEUE = 10_000  # messages waiting for Redis; beyond this the oldest are dropped
-
-
-def pending_key(prefix: str = DEFAULT_PREFIX) -> str:
-    return f"{prefix.rstrip(':')}:pending"
 
 
 class RoutedResidency:
@@ -60,7 +56,7 @@ class RoutedResidency:
         self.config = config
         self.clock = clock  # wall clock (deadlines); a simulation passes its own
         self.index = index
-        self.key = pending_key(prefix)
+        self.key = KVKeys(prefix).pending
         self.max_ttl_ms = int(config.pending_ttl_max_s * 1000)
         self.redis = client if client is not None else (make_client(redis_url) if redis_url else None)
         self.recorded = 0
@@ -68,6 +64,7 @@ class RoutedResidency:
         self.write_errors = 0
         self.lost = 0  # messages not written (Redis down, queue full)
         self._queue: deque[PendingMessage] = deque()
+        self._busy = False  # the writer thread holds a batch not yet written
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -130,8 +127,6 @@ class RoutedResidency:
                 self._cond.wait(min(left, 0.05))
         return True
 
-    _busy = False
-
     def _run(self) -> None:
         assert self.redis is not None
         while True:
@@ -177,20 +172,16 @@ class RoutedResidency:
             self.redis.close()
 
 
-def whole_pages(prompt: Prompt, page_size: int) -> tuple[BlockHash, ...]:
-    """The hashes of every whole page of the prompt (what its prefill caches): the routing
-    hashes, plus the last page when the prompt is page-aligned (routing stops one page early)."""
-    return whole_pages_packed(prompt, page_size)[0]
-
-
 def whole_pages_packed(prompt: Prompt, page_size: int) -> tuple[tuple[BlockHash, ...], bytes]:
-    """`whole_pages`, and the same hashes in pending_wire's encoding (16 big-endian bytes each),
+    """The hashes of every whole page of the prompt (what its prefill caches: the routing hashes,
+    plus the last page when the prompt is page-aligned, as routing stops one page early), and the
+    same hashes in pending_wire's encoding (16 big-endian bytes each),
     taken from the hash chain's own bytes when the prompt's hashes are a PageHashes (else b"":
     the writer packs them)."""
     pages = len(prompt.token_ids) // page_size
     routed = prompt.block_hashes
     lazy = isinstance(routed, PageHashes)
-    if isinstance(routed, PageHashes):
+    if isinstance(routed, PageHashes):  # (mypy narrows on the call, not on `lazy`)
         have, packed = list(routed.all()), routed.packed()
     else:
         have, packed = list(routed), b""
@@ -204,4 +195,4 @@ def whole_pages_packed(prompt: Prompt, page_size: int) -> tuple[tuple[BlockHash,
     return tuple(have[:pages]), packed[: pages * HASH_BYTES]
 
 
-__all__ = ["RoutedResidency", "pending_key", "whole_pages", "whole_pages_packed"]
+__all__ = ["RoutedResidency", "whole_pages_packed"]

@@ -11,8 +11,9 @@ while the prompt is still being hashed, and pass the ranking to `decide`.
 
 Everything a decision reads is shared state: the candidates' loads come from the Redis registry,
 the prefix index from the workers' KV events in Redis, ties are broken by a hash of the prompt.
-Two router replicas with the same Redis state decide the same for the same request; nothing here
-counts this replica's own requests.
+Two router replicas with the same Redis state decide the same for the same request. The one
+exception is by design: a replica's own pending entries (routing-time residency, residency.py)
+are in its index at once, the other replicas' after one stream read (milliseconds).
 
 The index is used only while it is ready and its Redis is reachable. Otherwise (Redis down, the
 follower still catching up, no index configured) decisions are load-only, from the last registry

@@ -80,7 +80,9 @@ def test_rounds_on_a_live_fleet_add_up(tmp_path: Path) -> None:
     for r in results:
         assert r.errors == [] and r.sent == r.ok == 4, r
         assert sum(r.per_worker.values()) == 4  # every request of the burst, and none of the background
-        assert 1 <= len(r.per_worker) <= 3 and r.top == max(r.per_worker.values())
+        assert r.top == max(r.per_worker.values())
+        if r.replicas == 1:  # one router: its own pending entries steer the burst onto one worker
+            assert r.top == 4 and len(r.per_worker) == 1, r
         assert r.ideal_cached_tokens == 256 * 3
         assert 4 * (256 + 20) <= r.prompt_tokens <= 4 * (256 + 40)
         assert 0 <= r.cached_tokens <= r.ideal_cached_tokens

@@ -115,7 +115,9 @@ def test_the_wire_round_trips() -> None:
     msg = PendingMessage.of(e, 2500)
     fields = {k.encode(): v.encode() if isinstance(v, str) else v for k, v in msg.to_fields().items()}
     back = PendingMessage.from_fields(fields)
-    assert back == msg and back.entry(1_000_000) == PendingEntry("r", "w", full, e.swa, 1002.5, "inc1", 0, 1000.0)
+    assert back == msg and back.entry(1_000_000) == PendingEntry(
+        "r", "w", full, e.swa, 1002.5, "inc1", 0, 1000.0
+    )
     with pytest.raises(ValueError):
         PendingMessage.from_fields({**fields, b"k": b"what"})
     with pytest.raises(ValueError):

@@ -119,7 +119,11 @@ def ask(base: str) -> None:
     assert isinstance(resp.choices[0].message.content, str)
     assert resp.choices[0].finish_reason in ("length", "stop")
     assert resp.usage is not None and resp.usage.prompt_tokens > 0
-    assert 1 <= resp.usage.completion_tokens <= 8
+    # max_tokens=8: "length" means exactly 8 tokens were generated, "stop" fewer (an end token)
+    if resp.choices[0].finish_reason == "length":
+        assert resp.usage.completion_tokens == 8
+    else:
+        assert 0 < resp.usage.completion_tokens < 8
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
