@@ -2,7 +2,9 @@
 transformers, so the router and `swaserve generate` share this one renderer.
 
 The template comes from the model's tokenizer_config.json: `chat_template` is a string, or a list
-of `{"name", "template"}` of which "default" is used.
+of `{"name", "template"}` of which "default" is used. Besides the messages, a template may take
+`tools` (OpenAI tool objects) and keyword arguments (`enable_thinking`, ...); what a template
+takes is read from its source once (`takes_tools`, `thinks`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -31,8 +34,12 @@ class ChatTemplate:
         env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(source)
+            variables = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateError as e:
             raise TemplateError(f"the model's chat template does not compile: {e}") from None
+        self.source = source
+        self.takes_tools = "tools" in variables  # renders the request's tools
+        self.thinks = "<think>" in source  # a reasoning model: its answers may open with <think>
         self._bos = bos_token
         self._eos = eos_token
 
@@ -46,10 +53,19 @@ class ChatTemplate:
             return None
         return cls(source, _token_text(cfg.get("bos_token")), _token_text(cfg.get("eos_token")))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """`kwargs`: more template variables (chat_template_kwargs); they cannot replace the ones named here."""
         try:
             return self._template.render(
+                **kwargs,
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos,
                 eos_token=self._eos,

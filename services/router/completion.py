@@ -61,6 +61,7 @@ class CompletionRun:
         self.id = uuid.uuid4().hex
         self._gens: list[Generation] = []
         self._completion_tokens = [0] * job.num_choices
+        self._reasoning_tokens = [0] * job.num_choices
 
     async def open(self) -> None:
         if self.job.num_choices == 1:  # a failure inside aborts what it reserved (Dispatcher.open)
@@ -143,6 +144,7 @@ class CompletionRun:
             cached_tokens=cached,
             cached_tokens_l2=l2,
             cached_tokens_l3=l3,
+            reasoning_tokens=sum(self._reasoning_tokens),
         )
 
     async def _pump(
@@ -164,6 +166,7 @@ class CompletionRun:
             frozenset() if sampling.ignore_eos else self._core.eos_token_ids
         )
         text = ChoiceText(self._core.tok, sampling.stop, hidden, sampling.logprobs)
+        out = self.job.output.start() if self.job.output is not None else None
         m = self._core.metrics
         bucket = m.bucket_of(len(self.job.prompts[index // self.job.n]))
         first_at = last_at = time.monotonic()
@@ -176,11 +179,18 @@ class CompletionRun:
                 self._completion_tokens[index] += len(chunk.token_ids)
                 delta = text.push(chunk.token_ids, chunk.logprobs)
                 finish = "stop" if delta.stop_found else chunk.finish_reason
-                tail = text.finish() if finish else ""
-                yield ChoiceEvent(index, delta.text + tail, chunk.token_ids, delta.logprobs, finish)
+                new_text = delta.text + (text.finish() if finish else "")
+                pieces = None
+                if out is not None:
+                    pieces = out.feed(new_text) + (out.finish() if finish else [])
+                    finish = "tool_calls" if finish == "stop" and out.called else finish
+                yield ChoiceEvent(index, new_text, chunk.token_ids, delta.logprobs, finish, pieces)
                 if finish:
                     break  # closing the chunks aborts the sequence if the worker has not ended it
         tokens = self._completion_tokens[index]
+        if out is not None and out.saw_reasoning:
+            end = out.reasoning_end
+            self._reasoning_tokens[index] = tokens if end is None else text.tokens_through(end)
         m.completion_tokens.inc(tokens)
         if tokens > 1:
             m.tpot.labels(bucket=bucket).observe((time.monotonic() - first_at) / (tokens - 1))

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.common.sampling_wire import sampling_to_proto
 from services.proto_gen import worker_pb2
 from services.router.textstream import TokenLogprob
+from services.router.toolcalls.pieces import Piece
 
-FINISH_REASONS = ("stop", "length")  # what a client can see; "abort" from a worker is an error
+if TYPE_CHECKING:
+    from services.router.assistant import OutputParsing
+
+FINISH_REASONS = ("stop", "length")  # what a worker may end with; "abort" is an error
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class CompletionJob:
     prompts: tuple[Sequence[int], ...]
     sampling: Sampling
     n: int = 1
+    output: OutputParsing | None = None  # chat: reasoning / tool calls read from the text; None: plain text
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p for p in self.prompts):
@@ -74,6 +80,7 @@ class ChoiceEvent:
     token_ids: list[int]
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    pieces: list[Piece] | None = None  # the text as message pieces, when the job has `output`
 
 
 @dataclass
@@ -83,8 +90,12 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    pieces: list[Piece] | None = None
 
     def add(self, ev: ChoiceEvent) -> None:
+        if ev.pieces is not None:
+            self.pieces = self.pieces if self.pieces is not None else []
+            self.pieces.extend(ev.pieces)
         self.text += ev.text
         self.token_ids.extend(ev.token_ids)
         self.logprobs.extend(ev.logprobs)
@@ -99,6 +110,7 @@ class Usage:
     cached_tokens: int
     cached_tokens_l2: int = 0  # of cached_tokens, restored from a worker's host tier (L2)
     cached_tokens_l3: int = 0  # of cached_tokens, fetched from GCache (L3) through the host tier
+    reasoning_tokens: int = 0  # of completion_tokens, those of the reasoning (<think> ... </think>)
 
     @property
     def total_tokens(self) -> int:

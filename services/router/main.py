@@ -28,6 +28,7 @@ from services.router.k8s_discovery import add_k8s_args, kubernetes_pool
 from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
 from services.router.routing import IndexSource, policy_reads_l2
 from services.router.settings import RouterSettings
+from services.router.toolcalls import PARSER_CHOICES
 from services.router.workers import StaticWorkerPool, WorkerPool
 
 log = logging.getLogger("swaserve.router")
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="cache-aware routing from the workers' KV events in Redis (needs --redis-url)",
     )
+    p.add_argument(
+        "--tool-call-parser", choices=PARSER_CHOICES, default="auto",
+        help="how tool calls are read from the model's text: mimo (Qwen3-Coder XML), hermes (JSON in "
+        "<tool_call>), auto (from the chat template, then config.json) (docs/tools-and-reasoning.md)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--discovery", choices=["redis", "kubernetes"], default="redis",
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         max_context=args.max_context,
         kv_transport=args.kv_transport,
         policy=policy,
+        tool_call_parser=args.tool_call_parser,
     )
     index = index_follower(args, policy)
     # the host tiers' index only where a scorer reads it (the cost policy)

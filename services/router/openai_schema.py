@@ -1,14 +1,15 @@
 """OpenAI request bodies, validated once at the boundary.
 
-Fields a client may send that the router does not use (`user`, `parallel_tool_calls`, ...) are
-ignored; fields it cannot honour with a non-default value (penalties, logit bias, tools, echo, ...)
-are a 400 naming the field rather than a silent change of meaning. Unions the spec allows
+Fields a client may send that the router does not use (`user`, ...) are ignored; fields it cannot
+honour with a non-default value (penalties, logit bias, echo, ...) are a 400 naming the field
+rather than a silent change of meaning. Unions the spec allows
 (`prompt`, `stop`) are checked by hand so that an error names the field, not a union branch.
 """
 
 from __future__ import annotations
 
 import array
+import json
 from typing import Any, Literal
 
 import numpy as np
@@ -102,12 +103,77 @@ class GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class HistoryFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            ok = isinstance(json.loads(v), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be the JSON text of an object")
+        return v
+
+
+class HistoryToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: HistoryFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[HistoryToolCall] | None = None  # assistant turns
+    tool_call_id: str | None = None  # tool turns: the call this answers
+    reasoning_content: str | None = None  # assistant turns: templates may render or drop it
+
+    @model_validator(mode="after")
+    def _roles(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages have tool calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: required in a message of role 'tool'")
+        return self
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ThinkingOption(BaseModel):
+    """`thinking: {"type": "enabled" | "disabled"}` (MiMo's API): the template's enable_thinking."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["enabled", "disabled"]
+
+
+TOOL_CHOICES = ("none", "auto", "required")
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -115,16 +181,76 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # extensions: vLLM / SGLang's chat_template_kwargs and separate_reasoning, MiMo's thinking
+    chat_template_kwargs: dict[str, Any] | None = None
+    thinking: ThinkingOption | None = None
+    separate_reasoning: bool = True
 
     @field_validator("tools")
     @classmethod
-    def _no_tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if v:
-            raise ValueError("tools are not supported")
+    def _unique_names(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        seen: set[str] = set()
+        for t in v or ():
+            if t.function.name in seen:
+                raise ValueError(f"function names must be unique ({t.function.name!r} is there twice)")
+            seen.add(t.function.name)
         return v
+
+    @field_validator("tool_choice", mode="plain")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> str | dict[str, Any] | None:
+        if v is None or (isinstance(v, str) and v in TOOL_CHOICES):
+            return v  # type: ignore[no-any-return]
+        fn = v.get("function") if isinstance(v, dict) else None
+        if isinstance(v, dict) and v.get("type") == "function" and isinstance(fn, dict):
+            if isinstance(fn.get("name"), str):
+                return v
+        raise ValueError(
+            'must be \'none\', \'auto\', \'required\' or {"type": "function", "function": {"name": ...}}'
+        )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & set(v or ()))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here (the router sets them)")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self) -> ChatCompletionRequest:
+        names = {t.function.name for t in self.tools or ()}
+        choice = self.tool_choice
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: 'required' needs tools")
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice: no function named {choice['function']['name']!r} in tools")
+        return self
+
+    @model_validator(mode="after")
+    def _thinking_agrees(self) -> ChatCompletionRequest:
+        kwargs = self.chat_template_kwargs or {}
+        if self.thinking is not None and "enable_thinking" in kwargs:
+            if kwargs["enable_thinking"] != (self.thinking.type == "enabled"):
+                raise ValueError("thinking: disagrees with chat_template_kwargs.enable_thinking")
+        return self
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        """What the chat template gets besides messages and tools."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.thinking is not None:
+            kwargs["enable_thinking"] = self.thinking.type == "enabled"
+        return kwargs
+
+    @property
+    def function_name(self) -> str | None:
+        """The function `tool_choice` names, if it names one."""
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
 
     @field_validator("response_format")
     @classmethod

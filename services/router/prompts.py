@@ -11,6 +11,7 @@ import array
 import numpy as np
 
 from services.common.prompt_wire import token_array
+from services.router.chat_prompt import chat_prompt
 from services.router.errors import ContextLengthExceeded, InvalidRequest
 from services.router.job import CompletionJob, Sampling
 from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, TokenIds
@@ -19,12 +20,13 @@ from services.router.tokenization import RouterTokenizer
 
 
 def chat_job(req: ChatCompletionRequest, tok: RouterTokenizer, settings: RouterSettings) -> CompletionJob:
-    prompt = token_array(tok.chat_prompt(req.messages))
+    ids, output = chat_prompt(req, tok, settings)
+    prompt = token_array(ids)
     limit_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _max_tokens(
         [prompt], req.token_limit, None, _context(tok, settings), "messages", limit_param
     )
-    return CompletionJob((prompt,), _sampling(req, max_tokens, req.logprobs), req.n)
+    return CompletionJob((prompt,), _sampling(req, max_tokens, req.logprobs), req.n, output)
 
 
 def completion_job(req: CompletionRequest, tok: RouterTokenizer, settings: RouterSettings) -> CompletionJob:

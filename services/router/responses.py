@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.router.job import ChoiceEvent, ChoiceResult, Usage
 from services.router.textstream import TokenLogprob
+from services.router.toolcalls.pieces import Piece, collect, merged
 
 
 def usage_json(u: Usage) -> dict[str, Any]:
@@ -25,6 +27,7 @@ def usage_json(u: Usage) -> dict[str, Any]:
                 "l3": u.cached_tokens_l3,
             },
         },
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 
 
@@ -71,18 +74,41 @@ class ChatFormat:
 
     def __init__(self, env: Envelope) -> None:
         self.env = env
+        self._call_ids: dict[tuple[int, int], str] = {}  # (choice, call index) -> the call's id
 
     def response(self, results: Sequence[ChoiceResult], usage: Usage) -> dict[str, Any]:
         choices = [
             {
                 "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
+                "message": self._message(r),
                 "logprobs": chat_logprobs(r.logprobs) if self.env.logprobs else None,
                 "finish_reason": r.finish_reason,
             }
             for r in results
         ]
         return self._wrap(self.object, choices) | {"usage": usage_json(usage)}
+
+    def _message(self, r: ChoiceResult) -> dict[str, Any]:
+        if r.pieces is None:
+            return {"role": "assistant", "content": r.text}
+        msg = collect(r.pieces)
+        out: dict[str, Any] = {"role": "assistant", "content": msg.content}
+        if msg.reasoning:
+            out["reasoning_content"] = msg.reasoning
+        if msg.calls:
+            out["content"] = msg.content if msg.content.strip() else None
+            out["tool_calls"] = [
+                {
+                    "id": self._call_id(r.index, i),
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for i, c in enumerate(msg.calls)
+            ]
+        return out
+
+    def _call_id(self, choice: int, call: int) -> str:
+        return self._call_ids.setdefault((choice, call), f"call_{uuid.uuid4().hex[:24]}")
 
     def opening(self, num_choices: int) -> list[dict[str, Any]]:
         """The role announcement every chat stream starts with, one per choice."""
@@ -100,14 +126,54 @@ class ChatFormat:
             for i in range(num_choices)
         ]
 
-    def event(self, ev: ChoiceEvent) -> dict[str, Any] | None:
-        if not ev.text and not ev.finish_reason and not (self.env.logprobs and ev.logprobs):
-            return None
-        delta = {"content": ev.text} if ev.text else {}
+    def events(self, ev: ChoiceEvent) -> list[dict[str, Any]]:
+        """The chunks of one event: a delta per run of one kind (reasoning, content, tool calls) in
+        the order the model wrote them; the first carries the logprobs, the last the finish reason."""
         logprobs = chat_logprobs(ev.logprobs) if self.env.logprobs and ev.logprobs else None
-        return self._chunk(
-            [{"index": ev.index, "delta": delta, "logprobs": logprobs, "finish_reason": ev.finish_reason}]
-        )
+        if ev.pieces is None:
+            deltas = [{"content": ev.text}] if ev.text else []
+        else:
+            deltas = self._deltas(ev.index, merged(ev.pieces))
+        if not deltas and not ev.finish_reason and logprobs is None:
+            return []
+        deltas = deltas or [{}]
+        return [
+            self._chunk(
+                [
+                    {
+                        "index": ev.index,
+                        "delta": d,
+                        "logprobs": logprobs if k == 0 else None,
+                        "finish_reason": ev.finish_reason if k == len(deltas) - 1 else None,
+                    }
+                ]
+            )
+            for k, d in enumerate(deltas)
+        ]
+
+    def _deltas(self, choice: int, pieces: list[Piece]) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        for p in pieces:
+            if p.kind in ("content", "reasoning"):
+                deltas.append({"content" if p.kind == "content" else "reasoning_content": p.text})
+                continue
+            if not deltas or "tool_calls" not in deltas[-1]:
+                deltas.append({"tool_calls": []})
+            calls: list[dict[str, Any]] = deltas[-1]["tool_calls"]
+            if p.kind == "call":
+                calls.append(
+                    {
+                        "index": p.index,
+                        "id": self._call_id(choice, p.index),
+                        "type": "function",
+                        "function": {"name": p.text, "arguments": ""},
+                    }
+                )
+            elif calls and calls[-1]["index"] == p.index:
+                calls[-1]["function"]["arguments"] += p.text
+            else:
+                calls.append({"index": p.index, "function": {"arguments": p.text}})
+        return deltas
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return self._wrap(self.chunk_object, []) | {"usage": usage_json(usage)}
@@ -140,10 +206,19 @@ class CompletionFormat(ChatFormat):
     def opening(self, num_choices: int) -> list[dict[str, Any]]:
         return []
 
-    def event(self, ev: ChoiceEvent) -> dict[str, Any] | None:
+    def events(self, ev: ChoiceEvent) -> list[dict[str, Any]]:
         if not ev.text and not ev.finish_reason and not (self.env.logprobs and ev.logprobs):
-            return None
+            return []
         logprobs = completion_logprobs(ev.logprobs) if self.env.logprobs else None
-        return self._chunk(
-            [{"index": ev.index, "text": ev.text, "logprobs": logprobs, "finish_reason": ev.finish_reason}]
-        )
+        return [
+            self._chunk(
+                [
+                    {
+                        "index": ev.index,
+                        "text": ev.text,
+                        "logprobs": logprobs,
+                        "finish_reason": ev.finish_reason,
+                    }
+                ]
+            )
+        ]

@@ -22,6 +22,7 @@ class RouterSettings:
     max_attempts: int = 2  # Reserve + Prefill attempts when a worker cannot be reached
     completions_default_max_tokens: int = 16  # /v1/completions without max_tokens (OpenAI's default)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # routing: profiles, buckets, page size
+    tool_call_parser: str = "auto"  # mimo | hermes | auto (from the chat template / config): toolcalls/
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

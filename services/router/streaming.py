@@ -118,8 +118,7 @@ class StreamSession:
                 yield self._sse(chunk)
             async with contextlib.aclosing(self._run.events()) as events:
                 async for ev in events:
-                    event_chunk = self._fmt.event(ev)
-                    if event_chunk is not None:
+                    for event_chunk in self._fmt.events(ev):
                         yield self._sse(event_chunk)
             if self._include_usage:
                 yield sse(self._fmt.usage_chunk(self._run.usage()))

@@ -159,6 +159,19 @@ class ChoiceText:
         self._decoded_chars += len(rest)
         return self._trim.feed(rest) + self._trim.flush()
 
+    def tokens_through(self, chars: int) -> int:
+        """The fewest of the visible tokens so far whose text holds `chars` characters (binary search
+        over decoded prefixes: a decoded prefix only grows with more tokens)."""
+        ids = self._detok.ids
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(self._tok.decode(ids[:mid])) >= chars:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
     def _logprobs(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> list[TokenLogprob]:
         out = []
         offset = self._decoded_chars
