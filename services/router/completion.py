@@ -167,6 +167,7 @@ class CompletionRun:
         )
         text = ChoiceText(self._core.tok, sampling.stop, hidden, sampling.logprobs)
         out = self.job.output.start() if self.job.output is not None else None
+        reasoning_tokens: int | None = None
         m = self._core.metrics
         bucket = m.bucket_of(len(self.job.prompts[index // self.job.n]))
         first_at = last_at = time.monotonic()
@@ -184,13 +185,14 @@ class CompletionRun:
                 if out is not None:
                     pieces = out.feed(new_text) + (out.finish() if finish else [])
                     finish = "tool_calls" if finish == "stop" and out.called else finish
+                    if reasoning_tokens is None and out.reasoning_end is not None:  # it just ended
+                        reasoning_tokens = text.tokens_through(out.reasoning_end)
                 yield ChoiceEvent(index, new_text, chunk.token_ids, delta.logprobs, finish, pieces)
                 if finish:
                     break  # closing the chunks aborts the sequence if the worker has not ended it
         tokens = self._completion_tokens[index]
         if out is not None and out.saw_reasoning:
-            end = out.reasoning_end
-            self._reasoning_tokens[index] = tokens if end is None else text.tokens_through(end)
+            self._reasoning_tokens[index] = tokens if reasoning_tokens is None else reasoning_tokens
         m.completion_tokens.inc(tokens)
         if tokens > 1:
             m.tpot.labels(bucket=bucket).observe((time.monotonic() - first_at) / (tokens - 1))

@@ -160,13 +160,22 @@ class ChoiceText:
         return self._trim.feed(rest) + self._trim.flush()
 
     def tokens_through(self, chars: int) -> int:
-        """The fewest of the visible tokens so far whose text holds `chars` characters (binary search
-        over decoded prefixes: a decoded prefix only grows with more tokens)."""
+        """The fewest of the visible tokens so far whose text holds `chars` characters. Searched back
+        from the newest token, doubling the step, then halving (a decoded prefix only grows with
+        more tokens): a few decodes when the answer is recent, as when asked on the spot."""
         ids = self._detok.ids
-        lo, hi = 0, len(ids)
-        while lo < hi:
+
+        def holds(k: int) -> bool:
+            return len(self._tok.decode(ids[:k])) >= chars
+
+        hi, step = len(ids), 1
+        lo = max(0, hi - step)
+        while lo > 0 and holds(lo):
+            hi, step = lo, step * 2
+            lo = max(0, hi - step)
+        while lo < hi:  # holds(hi); not holds(lo) unless lo == 0
             mid = (lo + hi) // 2
-            if len(self._tok.decode(ids[:mid])) >= chars:
+            if holds(mid):
                 hi = mid
             else:
                 lo = mid + 1

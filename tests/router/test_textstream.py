@@ -98,3 +98,20 @@ def test_choice_text_hides_eos_and_cuts_stop(tok: RouterTokenizer) -> None:
     assert [e.token_id for e in d.logprobs] == ids  # eos is not part of the text, nor of logprobs
     assert b"".join(e.bytes for e in d.logprobs).decode() == "alpha beta STOP gamma"
     assert [e.text_offset for e in d.logprobs][:2] == [0, len("alpha")]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokens_through_is_the_fewest_tokens_holding_the_characters(tok: RouterTokenizer, text: str) -> None:
+    """Against brute force (the first prefix long enough), for every character count, asked after
+    each chunk as the router asks it."""
+    ids = tok.encode(text, add_special_tokens=False)
+    rng = random.Random(7)
+    choice = ChoiceText(tok, (), frozenset(), False)
+    pushed: list[int] = []
+    for chunk in _chunks(ids, rng):
+        choice.push(chunk, [])
+        pushed += chunk
+        longest = len(tok.decode(pushed))
+        for chars in range(longest + 1):
+            want = next(k for k in range(len(pushed) + 1) if len(tok.decode(pushed[:k])) >= chars)
+            assert choice.tokens_through(chars) == want, (chars, pushed)
