@@ -36,18 +36,34 @@ class ToolCallParser:
         self._passthrough = False  # inside a block given back as text: until its </tool_call>
         self._index = -1  # the open call's index
         self._after_call = False  # whitespace right after a call is the format's, not content
+        self._scanned: dict[str, int] = {}  # tag -> where a search for it resumes (see _find)
+        self._waiting: str | None = None  # no progress until this tag arrives (see _wait_for)
+        self._seam = ""  # the last characters seen while waiting: a tag may straddle two feeds
+        self._parked: list[str] = []  # text fed while waiting, not yet in _buf
         self.calls = 0
 
     def feed(self, text: str) -> list[Piece]:
-        self._buf += text
+        if self._waiting is not None:
+            seam = self._seam + text
+            if self._waiting not in seam:  # a long value streaming in: park it, scan only the seam
+                self._parked.append(text)
+                self._seam = seam[len(seam) - len(self._waiting) + 1 :]
+                return []
+        self._unpark(text)
         out: list[Piece] = []
         self._run(out, final=False)
         return out
 
     def finish(self) -> list[Piece]:
+        self._unpark("")
         out: list[Piece] = []
         self._run(out, final=True)
         return out
+
+    def _unpark(self, text: str) -> None:
+        self._buf = "".join((self._buf, *self._parked, text))
+        self._parked.clear()
+        self._waiting = None
 
     def parse(self, text: str) -> list[Piece]:
         """The one-shot parse: the same code, fed once."""
@@ -76,10 +92,10 @@ class ToolCallParser:
             rest = self._buf.lstrip()
             if not rest or (not final and CALL_OPEN.startswith(rest)):
                 if final:
-                    self._buf = ""
+                    self._consume(len(self._buf))
                 return False
             if rest.startswith(CALL_OPEN):
-                self._buf = rest
+                self._consume(len(self._buf) - len(rest))
             self._after_call = False
         buf = self._buf
         if self._max_calls is not None and self.calls >= self._max_calls:
@@ -88,7 +104,7 @@ class ToolCallParser:
         at = buf.find(CALL_OPEN)
         if at >= 0:
             self._content(out, at)
-            self._buf = self._buf[len(CALL_OPEN) :]
+            self._consume(len(CALL_OPEN))
             self._raw, self._in_block = CALL_OPEN, True
             self._start_block()
             return True
@@ -107,14 +123,33 @@ class ToolCallParser:
     def _content(self, out: list[Piece], n: int) -> None:
         if n > 0:
             out.append(Piece("content", self._buf[:n]))
-            self._buf = self._buf[n:]
+            self._consume(n)
+
+    def _consume(self, n: int) -> None:
+        self._buf = self._buf[n:]
+        self._scanned.clear()
 
     # helpers for subclasses
     def _take(self, n: int) -> str:
         """Consume n characters of the block's body."""
-        taken, self._buf = self._buf[:n], self._buf[n:]
+        taken = self._buf[:n]
+        self._consume(n)
         self._raw += taken
         return taken
+
+    def _wait_for(self, tag: str) -> bool:
+        """The open block can go on only once `tag` arrives: later feeds are parked until then
+        (returns False, for `_body` to return)."""
+        self._waiting, self._seam = tag, self._buf[len(self._buf) - len(tag) + 1 :]
+        return False
+
+    def _find(self, tag: str, start: int = 0) -> int:
+        """`self._buf.find(tag, start)`, resuming where the last search for `tag` gave up while the
+        buffer only grew: a long value waiting for its closing tag is scanned once, not per feed."""
+        at = self._buf.find(tag, max(start, self._scanned.get(tag, 0)))
+        if at < 0:
+            self._scanned[tag] = max(start, len(self._buf) - len(tag) + 1, 0)
+        return at
 
     def _give_back(self, out: list[Piece], until_close: bool) -> None:
         """The block is no call: what it said so far is text (and, `until_close`, the rest up to

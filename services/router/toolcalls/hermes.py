@@ -23,9 +23,9 @@ class HermesToolParser(ToolCallParser):
     name = "hermes"
 
     def _body(self, out: list[Piece], final: bool) -> bool:
-        at = self._buf.find(CALL_CLOSE)
+        at = self._find(CALL_CLOSE)
         if at < 0 and not final:
-            return False
+            return self._wait_for(CALL_CLOSE)
         body = self._take(at if at >= 0 else len(self._buf))
         if at >= 0:
             self._take(len(CALL_CLOSE))

@@ -19,6 +19,7 @@ text inside a call is dropped. A function the request's tools do not name gives 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from services.router.toolcalls.base import CALL_CLOSE, ToolCallParser
@@ -30,6 +31,7 @@ FUNCTION_CLOSE = "</function>"
 PARAMETER_OPEN = "<parameter="
 PARAMETER_CLOSE = "</parameter>"
 MAX_NAME = 256  # a `<function=` longer than this without its `>` is not a call
+_SPACE = re.compile(r"\s*")
 
 
 class MimoToolParser(ToolCallParser):
@@ -48,42 +50,44 @@ class MimoToolParser(ToolCallParser):
         return self._tail(out, final)
 
     def _head(self, out: list[Piece], final: bool) -> bool:
-        ws, rest = _skip_space(self._buf)
-        if rest.startswith(FUNCTION_OPEN):
-            end = rest.find(">")
-            if end < 0 and not final and len(rest) <= MAX_NAME:
+        buf = self._buf
+        ws = _spaces(buf)
+        if buf.startswith(FUNCTION_OPEN, ws):
+            end = buf.find(">", ws, ws + len(FUNCTION_OPEN) + MAX_NAME)
+            if end < 0 and not final and len(buf) - ws <= len(FUNCTION_OPEN) + MAX_NAME:
                 return False
             if end < 0:
-                self._take(len(self._buf))
+                self._take(len(buf))
                 self._give_back(out, until_close=True)
                 return True
-            name = rest[len(FUNCTION_OPEN) : end].strip()
-            self._take(ws + end + 1)
+            name = buf[ws + len(FUNCTION_OPEN) : end].strip()
+            self._take(end + 1)
             if name not in self._tools:
                 self._give_back(out, until_close=True)
                 return True
             self._open_call(out, name)
             self._state = "params"
             return True
-        if FUNCTION_OPEN.startswith(rest) and not final:
+        if FUNCTION_OPEN.startswith(buf[ws:]) and not final:
             return False
         self._give_back(out, until_close=True)
         return True
 
     def _params(self, out: list[Piece], final: bool) -> bool:
-        ws, rest = _skip_space(self._buf)
-        if rest.startswith(PARAMETER_OPEN):
-            gt = rest.find(">")
-            close = rest.find(PARAMETER_CLOSE, gt + 1) if gt >= 0 else -1
+        buf = self._buf
+        ws = _spaces(buf)
+        if buf.startswith(PARAMETER_OPEN, ws):
+            gt = self._find(">", ws)
+            close = self._find(PARAMETER_CLOSE, gt + 1) if gt >= 0 else -1
             if close < 0 and not final:
-                return False
+                return self._wait_for(PARAMETER_CLOSE) if gt >= 0 else False
             if gt >= 0:  # at the end of the output, a value cut short is what the model said
-                key = rest[len(PARAMETER_OPEN) : gt].strip()
-                self._parameter(out, key, rest[gt + 1 : close] if close >= 0 else rest[gt + 1 :])
-            self._take(ws + close + len(PARAMETER_CLOSE) if close >= 0 else len(self._buf))
+                key = buf[ws + len(PARAMETER_OPEN) : gt].strip()
+                self._parameter(out, key, buf[gt + 1 : close] if close >= 0 else buf[gt + 1 :])
+            self._take(close + len(PARAMETER_CLOSE) if close >= 0 else len(buf))
             return True
         for tag in (FUNCTION_CLOSE, CALL_CLOSE):
-            if rest.startswith(tag):
+            if buf.startswith(tag, ws):
                 self._take(ws + len(tag))
                 self._close_arguments(out)
                 if tag == CALL_CLOSE:
@@ -91,7 +95,8 @@ class MimoToolParser(ToolCallParser):
                 else:
                     self._state = "tail"
                 return True
-        if not rest or (
+        rest = buf[ws : ws + len(PARAMETER_OPEN)]  # enough to tell a tag's start
+        if ws == len(buf) or (
             not final and any(t.startswith(rest) for t in (PARAMETER_OPEN, FUNCTION_CLOSE, CALL_CLOSE))
         ):
             if final:
@@ -99,8 +104,8 @@ class MimoToolParser(ToolCallParser):
                 self._end_block()
                 return True
             return False
-        nxt = rest.find("<", 1)  # stray text: dropped up to the next tag
-        self._take(ws + nxt if nxt >= 0 else len(self._buf))
+        nxt = buf.find("<", ws + 1)  # stray text: dropped up to the next tag
+        self._take(nxt if nxt >= 0 else len(buf))
         return True
 
     def _tail(self, out: list[Piece], final: bool) -> bool:
@@ -131,9 +136,10 @@ class MimoToolParser(ToolCallParser):
         self._call_name = name
 
 
-def _skip_space(buf: str) -> tuple[int, str]:
-    rest = buf.lstrip()
-    return len(buf) - len(rest), rest
+def _spaces(buf: str) -> int:
+    """Leading whitespace of `buf` (without copying it)."""
+    match = _SPACE.match(buf)
+    return match.end() if match else 0
 
 
 def _dumps(value: Any) -> str:
