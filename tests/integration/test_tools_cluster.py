@@ -27,7 +27,11 @@ TOOLS = [
         "function": {
             "name": "get_weather",
             "description": "The weather in a city",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
         },
     }
 ]
@@ -37,7 +41,11 @@ HISTORY: list[dict[str, Any]] = [
         "role": "assistant",
         "content": None,
         "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
         ],
     },
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
@@ -46,7 +54,9 @@ HISTORY: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_template(resolve_model("mimo-tiny"), "mimo_tools", tmp_path_factory.mktemp("m") / "mimo-tools")
+    return with_template(
+        resolve_model("mimo-tiny"), "mimo_tools", tmp_path_factory.mktemp("m") / "mimo-tools"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +77,9 @@ def _reference_len(model_dir: Path, messages: list[dict[str, Any]]) -> int:
     text = AutoTokenizer.from_pretrained(str(model_dir)).apply_chat_template(
         hf, tools=TOOLS, tokenize=False, add_generation_prompt=True
     )
-    return len(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids)
+    return len(
+        Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    )
 
 
 def test_tools_and_tool_history_reach_the_workers_as_rendered(client: openai.OpenAI, model_dir: Path) -> None:
@@ -87,7 +99,13 @@ def test_tools_and_tool_history_reach_the_workers_as_rendered(client: openai.Ope
 
 def test_streamed_with_tools_equals_whole(client: openai.OpenAI) -> None:
     model = client.models.list().data[0].id
-    kw: dict[str, Any] = {"model": model, "messages": HISTORY, "tools": TOOLS, "max_tokens": 6, "temperature": 0}
+    kw: dict[str, Any] = {
+        "model": model,
+        "messages": HISTORY,
+        "tools": TOOLS,
+        "max_tokens": 6,
+        "temperature": 0,
+    }
     whole = client.chat.completions.create(**kw).choices[0].message
     reasoning = content = ""
     for chunk in client.chat.completions.create(**kw, stream=True):
@@ -104,7 +122,11 @@ def test_bad_tool_choice_is_a_400_and_thinking_off_is_accepted(client: openai.Op
         client.chat.completions.create(model=model, messages=HISTORY, tools=TOOLS, tool_choice="sometimes")
     assert e.value.body["param"] == "tool_choice"  # type: ignore[index]
     out = client.chat.completions.create(
-        model=model, messages=HISTORY[:1], max_tokens=4, temperature=0, extra_body={"thinking": {"type": "disabled"}}
+        model=model,
+        messages=HISTORY[:1],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"thinking": {"type": "disabled"}},
     )
     assert out.usage is not None and out.usage.completion_tokens_details is not None
     assert out.usage.completion_tokens_details.reasoning_tokens == 0  # the template closed <think> itself
