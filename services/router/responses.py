@@ -128,12 +128,15 @@ class ChatFormat:
 
     def events(self, ev: ChoiceEvent) -> list[dict[str, Any]]:
         """The chunks of one event: a delta per run of one kind (reasoning, content, tool calls) in
-        the order the model wrote them; the first carries the logprobs, the last the finish reason."""
+        the order the model wrote them; the first carries the logprobs, the last the finish reason
+        (for a parsed message in an empty delta of its own)."""
         logprobs = chat_logprobs(ev.logprobs) if self.env.logprobs and ev.logprobs else None
         if ev.pieces is None:
             deltas = [{"content": ev.text}] if ev.text else []
         else:
             deltas = self._deltas(ev.index, merged(ev.pieces))
+            if deltas and ev.finish_reason:  # on its own, as OpenAI sends it: the client's stream
+                deltas.append({})  # helper closes a call only in a chunk after the call's last piece
         if not deltas and not ev.finish_reason and logprobs is None:
             return []
         deltas = deltas or [{}]

@@ -316,3 +316,17 @@ def test_tools_for_a_template_without_tools_are_a_400(model_dir: Path, toy: ToyM
         assert "does not render tools" in r.json()["error"]["message"]
     finally:
         router.close()
+
+
+@pytest.mark.parametrize("template", ["mimo", "hermes"])
+def test_the_clients_stream_helper_accumulates_the_calls(tc: ToolCluster, template: str) -> None:
+    """`client.chat.completions.stream` (what agent frameworks use) rebuilds the message from our deltas."""
+    tc.decode.chunk_size = 3
+    key = f"{template}_calls"
+    with tc.clients[template].chat.completions.stream(
+        model=MODEL, messages=ask(key), tools=TOOLS, temperature=0  # type: ignore[arg-type]
+    ) as s:
+        names = [e.name for e in s if e.type == "tool_calls.function.arguments.done"]
+        final = s.get_final_completion()
+    assert names == [n for n, _ in WANT_CALLS]
+    assert final.choices[0].finish_reason == "tool_calls" and calls_of(final.choices[0].message) == WANT_CALLS
