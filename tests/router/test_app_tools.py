@@ -324,7 +324,7 @@ def test_the_clients_stream_helper_accumulates_the_calls(tc: ToolCluster, templa
     tc.decode.chunk_size = 3
     key = f"{template}_calls"
     with tc.clients[template].chat.completions.stream(
-        model=MODEL, messages=ask(key), tools=TOOLS, temperature=0  # type: ignore[arg-type]
+        model=MODEL, messages=ask(key), tools=TOOLS, temperature=0
     ) as s:
         names = [e.name for e in s if e.type == "tool_calls.function.arguments.done"]
         final = s.get_final_completion()
