@@ -47,7 +47,7 @@ class ToolCallParser:
             seam = self._seam + text
             if self._waiting not in seam:  # a long value streaming in: park it, scan only the seam
                 self._parked.append(text)
-                self._seam = seam[len(seam) - len(self._waiting) + 1 :]
+                self._seam = seam[max(0, len(seam) - len(self._waiting) + 1) :]
                 return []
         self._unpark(text)
         out: list[Piece] = []
@@ -140,7 +140,7 @@ class ToolCallParser:
     def _wait_for(self, tag: str) -> bool:
         """The open block can go on only once `tag` arrives: later feeds are parked until then
         (returns False, for `_body` to return)."""
-        self._waiting, self._seam = tag, self._buf[len(self._buf) - len(tag) + 1 :]
+        self._waiting, self._seam = tag, self._buf[max(0, len(self._buf) - len(tag) + 1) :]
         return False
 
     def _find(self, tag: str, start: int = 0) -> int:

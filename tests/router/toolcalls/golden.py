@@ -48,13 +48,21 @@ def expected(case: Case) -> ParsedMessage:
     return ParsedMessage(case.content, case.reasoning, calls)
 
 
-def run(make: Callable[[], Parser], chunks: Sequence[str]) -> ParsedMessage:
+def run(make: Callable[[], Parser], chunks: Sequence[str], finish: bool = True) -> ParsedMessage:
     parser = make()
     pieces: list[Piece] = []
     for c in chunks:
         pieces += parser.feed(c)
-    pieces += parser.finish()
+    if finish:
+        pieces += parser.finish()
     return collect(pieces)
+
+
+def calls_out_before_the_end(make: Callable[[], Parser], case: Case) -> None:
+    """A text ending with a closed call: every call is out, whole, before `finish` (none waits for the end)."""
+    want = expected(case).calls
+    for chunks in every_split(case.text):
+        assert run(make, chunks, finish=False).calls == want, chunks
 
 
 def every_split(text: str) -> list[list[str]]:

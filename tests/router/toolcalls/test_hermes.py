@@ -7,7 +7,7 @@ import json
 import pytest
 
 from services.router.toolcalls.hermes import HermesToolParser
-from tests.router.toolcalls.golden import TOOLS, Case, every_split, expected, run
+from tests.router.toolcalls.golden import TOOLS, Case, calls_out_before_the_end, every_split, expected, run
 
 
 def call(name: str, args: object, key: str = "arguments") -> str:
@@ -66,3 +66,10 @@ def test_golden_whole_and_cut_everywhere(case: Case) -> None:
     want = expected(case)
     for chunks in every_split(case.text):
         assert run(lambda: HermesToolParser(TOOLS), chunks) == want, chunks
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.calls and c.text.endswith("</tool_call>")], ids=lambda c: c.name
+)
+def test_calls_are_out_before_the_end(case: Case) -> None:
+    calls_out_before_the_end(lambda: HermesToolParser(TOOLS), case)

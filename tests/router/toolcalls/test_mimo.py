@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.router.toolcalls.mimo import MimoToolParser
-from tests.router.toolcalls.golden import TOOLS, Case, every_split, expected, run
+from tests.router.toolcalls.golden import TOOLS, Case, calls_out_before_the_end, every_split, expected, run
 
 
 def call(name: str, *params: tuple[str, str]) -> str:
@@ -106,3 +106,10 @@ def test_max_calls_leaves_later_blocks_as_text() -> None:
     text = call("search") + call("search")
     got = run(lambda: MimoToolParser(TOOLS, max_calls=1), [text])
     assert [c.name for c in got.calls] == ["search"] and got.content == call("search")
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.calls and c.text.endswith("</tool_call>")], ids=lambda c: c.name
+)
+def test_calls_are_out_before_the_end(case: Case) -> None:
+    calls_out_before_the_end(lambda: MimoToolParser(TOOLS), case)
