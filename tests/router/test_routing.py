@@ -219,6 +219,37 @@ def test_two_pipelines_decide_the_same_for_the_same_sequence(policy: str) -> Non
     assert len(chosen) >= 3  # and the sequence really exercised several workers
 
 
+def test_siblings_of_a_new_prefix_break_ties_alike_on_replicas_that_have_not_seen_each_other() -> None:
+    """A burst sharing a new prefix, spread over replicas whose indexes have not yet seen each other's
+    decisions (each stores only its own, as before the pending stream is read): on an idle fleet every
+    replica's first sibling goes to the same worker, for many random prefixes; and new conversations
+    behind a system prompt every worker caches do not all go to one worker."""
+    cfg = replace(CFG, prefill_policy="seed")
+    prefill = [cand(f"p{i}") for i in range(8)]
+    rng = random.Random(3)
+    for trial in range(20):
+        shared = prompt(6 * PAGE + rng.randrange(PAGE), seed=1000 + trial)
+        replicas = [pipeline(FakeIndexSource(FakePrefixIndex(PAGE, WINDOW)), cfg) for _ in range(4)]
+        chosen = set()
+        for r, pipe in enumerate(replicas):
+            ids = shared + prompt(rng.randrange(PAGE, 4 * PAGE), seed=10_000 * trial + r)
+            d = pipe.decide(ids, prefill, DECODE, max_tokens=8)
+            pipe.index.index.store(d.prefill.worker_id, pipe.prepare(ids).block_hashes)  # its own only
+            chosen.add(d.prefill.worker_id)
+        assert len(chosen) == 1, (trial, chosen)
+
+    source = FakeIndexSource(FakePrefixIndex(PAGE, WINDOW))
+    p = pipeline(source, cfg)
+    system = prompt(4 * PAGE, seed=99)
+    for c in prefill:  # the system prompt, window-safe at its end, on every worker
+        source.index.store(c.worker_id, p.prepare(system + [1]).block_hashes)
+    firsts = {
+        p.decide(system + prompt(5 * PAGE, seed=s), prefill, DECODE, max_tokens=8).prefill.worker_id
+        for s in range(40)
+    }
+    assert len(firsts) >= 4  # spread by their own first page, not all sent to one worker
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as srv:
