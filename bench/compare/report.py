@@ -14,7 +14,6 @@ from typing import Any
 
 from bench.compare import accuracy, analysis
 from bench.compare.run import RunSpec
-from bench.compare.window_bound import window_lru_bound
 from bench.replay.ideal import ideal_hit_rate
 from bench.replay.plan import PlannedRequest, Scaling, TraceSlice, plan
 from bench.replay.prompts import NO_CONTINUATIONS, Continuations
@@ -50,11 +49,6 @@ def group_header(a: argparse.Namespace, runs: list[RunSpec]) -> str:
     planned, cont = _planned(a, r)
     cap = r.fleet.workers * r.fleet.capacity_tokens
     bound = analysis.lru_bound(planned, cap, cont)
-    window = (  # resumable only at retention points: what a window-128 fleet can reach at most
-        f" ({100 * window_lru_bound(planned, cap, cont):.1f}% resuming only where the window's KV is kept)"
-        if r.fleet.window > 0
-        else ""
-    )
     builder = (
         "turns continue earlier prompts" if r.workload.prompt_blocks == "continue" else "ids-only prompts"
     )
@@ -62,7 +56,7 @@ def group_header(a: argparse.Namespace, runs: list[RunSpec]) -> str:
         f"{r.workload.trace_name} trace, {r.fleet.workers} prefill workers, rate scale "
         f"{', '.join(f'{x:g}' for x in rates)} ({offered} req/s offered), sim window "
         f"{r.fleet.window}, {builder}; ideal hit rate {100 * ideal_hit_rate(planned, cont.continued):.1f}%, "
-        f"one LRU cache of the fleet's {cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%{window}"
+        f"one LRU cache of the fleet's {cap / 2**20:.0f}Mi tokens {100 * bound:.1f}%"
     )
 
 
