@@ -36,4 +36,8 @@ PY=.venv/bin/python bash scripts/gen_proto.sh
 # hashing stays pure Python, same hashes, ~2x slower
 cc -O2 -shared -fPIC -o services/common/_block_hash_native.so services/common/block_hash_native.c \
   || echo "setup: could not build services/common/_block_hash_native.so: block hashing stays pure Python"
+# the router's reader of token-id prompts (services/common/json_ids_native.c); without it a request's
+# ids are parsed by orjson, same requests, ~2 ms more CPU for an 85k-token prompt
+cc -O2 -shared -fPIC -o services/common/_json_ids_native.so services/common/json_ids_native.c \
+  || echo "setup: could not build services/common/_json_ids_native.so: prompts are parsed by orjson only"
 echo "setup: done"

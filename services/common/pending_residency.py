@@ -28,7 +28,7 @@ the wire is in `pending_wire.py`.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -199,8 +199,9 @@ class PendingLayer:
             self._deadlines.clear()
         return n
 
-    def replace_satisfied(self, bit: int, full: set[BlockHash], swa: set[BlockHash]) -> int:
-        """Drop the worker's entries that its real state (`full`, `swa` sets) now makes true."""
+    def replace_satisfied(self, bit: int, full: Container[BlockHash], swa: Container[BlockHash]) -> int:
+        """Drop the worker's entries that its real state (`full`, `swa`: sets, or dicts keyed by
+        hash) now makes true."""
         done = [e.pid for e in self.of_bit(bit) if satisfied(e, full, swa)]
         for pid in done:
             self.drop(pid)
@@ -217,10 +218,13 @@ def _tally(hashes: tuple[BlockHash, ...]) -> dict[BlockHash, int]:
     return counts
 
 
-def satisfied(entry: PendingEntry, full: set[BlockHash], swa: Iterable[BlockHash] | set[BlockHash]) -> bool:
-    """Whether a worker's real (full, swa) sets already hold what the entry announces at its end."""
-    swa_set = swa if isinstance(swa, set) else set(swa)
-    return entry.full[-1] in full and all(h in swa_set for h in entry.swa)
+def satisfied(
+    entry: PendingEntry, full: Container[BlockHash], swa: Iterable[BlockHash] | Container[BlockHash]
+) -> bool:
+    """Whether a worker's real (full, swa) hashes already hold what the entry announces at its end
+    (`swa`: a set or a dict keyed by hash, else any iterable of hashes)."""
+    swa_in = swa if isinstance(swa, (set, frozenset, dict)) else set(swa)  # type: ignore[arg-type]
+    return entry.full[-1] in full and all(h in swa_in for h in entry.swa)
 
 
 __all__ = ["PendingEntry", "PendingLayer", "satisfied", "swa_pages"]
