@@ -118,24 +118,27 @@ def simulate(
     load_gap_s: float = 0.05,
     ideal: float = 0.0,
     cost: CostModel | None = None,
+    scale: int = 1,
 ) -> Result:
+    """`scale` > 1: each worker is `scale` engines in one (pools, batch, chunk and speed times
+    `scale`): with workers=1 and scale=N, one cache of an N-worker fleet's size (`--one-engine`)."""
     cost = cost or CostModel()
     clock = Clock()
     index = PrefixIndex(PAGE, window)
     index.clock = clock
     pipe = RoutingPipeline(config, IndexSource(index))
     residency = RoutedResidency(config, index, clock=clock) if config.pending else None
-    tps = cost.prefill_tokens_per_s()
+    tps = cost.prefill_tokens_per_s() * scale
     fleet: list[Worker] = []
     for i in range(workers):
-        full = PagePool(capacity_tokens // PAGE, PAGE, "full")
-        swa = PagePool(2 * 256 * (math.ceil(max(window, 1) / PAGE) + 2), PAGE, "swa")
+        full = PagePool(scale * capacity_tokens // PAGE, PAGE, "full")
+        swa = PagePool(scale * 2 * 256 * (math.ceil(max(window, 1) / PAGE) + 2), PAGE, "swa")
         events = EventBuffer()
         cache = RadixCache(PAGE, window, full, swa, event_sink=events)
-        cfg = SchedulerConfig(page_size=PAGE, window=window, chunk_size=chunk_size, max_batch_tokens=chunk_size,
-                              max_running=256)  # fmt: skip
+        cfg = SchedulerConfig(page_size=PAGE, window=window, chunk_size=scale * chunk_size,
+                              max_batch_tokens=scale * chunk_size, max_running=256 * scale)  # fmt: skip
         sched = Scheduler(cfg, full, swa, cache, make_queue_policy("fcfs"), clock)
-        fleet.append(Worker(f"w{i}", sched, cache, full, events, tps, capacity_tokens))
+        fleet.append(Worker(f"w{i}", sched, cache, full, events, tps, scale * capacity_tokens))
     decode = [
         Candidate("d", "d", role="decode", free_kv_tokens=1 << 30, capacity_tokens=1 << 30, has_load=True)
     ]
@@ -175,7 +178,7 @@ def simulate(
         if not batch:
             w.busy_until = None
             return
-        secs = cost.prefill_step_seconds((st.slots.start, st.slots.end) for st in batch)
+        secs = cost.prefill_step_seconds((st.slots.start, st.slots.end) for st in batch) / scale
         busy[k] += secs
         w.batch, w.busy_until = batch, clock.t + secs
         heapq.heappush(q, (w.busy_until, seq, "step", k))
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=ROUTER FLAGS (repeat); default: the seed as shipped, and without pending")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="one trace, 8 workers, a 120 s slice")
+    p.add_argument("--one-engine", action="store_true",
+                   help="add a reference row per cell: one engine with the whole fleet's KV and speed (no routing)")  # fmt: skip
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.workers = 120.0, [8]
@@ -299,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
             arrivals, ideal = workload(trace, a.start, a.duration, x)
             for nw in a.workers:
                 for win in a.window:
-                    for name, flags in variants:
-                        r = simulate(arrivals, variant_config(flags, win), nw, win, ideal=ideal,
+                    runs = [(name, flags, nw, 1) for name, flags in variants]
+                    if a.one_engine:
+                        runs.append((f"one engine ({nw}x)", "", 1, nw))
+                    for name, flags, workers, scale in runs:
+                        r = simulate(arrivals, variant_config(flags, win), workers, win, ideal=ideal, scale=scale,
                                      event_delay_s=a.event_delay_ms / 1000, load_gap_s=a.load_gap_ms / 1000)  # fmt: skip
                         line = (f"| {trace.stem} | {nw} | {x:g} | {win} | {name} | {r.hit:.1%} | "
                                 f"{r.hit / ideal if ideal else 0:.1%} | {r.p50_ms:,.0f} | {r.p90_ms:,.0f} | "

@@ -37,3 +37,21 @@ def test_the_simulation_is_deterministic_and_counts_every_request() -> None:
     a, b = simulate(arrivals, cfg, workers=4, window=128), simulate(arrivals, cfg, workers=4, window=128)
     assert a == b and len(a.placed) == len(arrivals) == len(a.cached)
     assert 0 < a.hit < 1 and a.phantom <= 1 and a.p90_ms >= a.p50_ms > 0
+
+
+def test_one_engine_of_the_fleets_size_holds_what_one_worker_cannot() -> None:
+    """`scale`: one worker with N workers' pools. Prompts with 4 distinct 40k-token prefixes, each
+    sent twice (cycled): one worker of 1 x 64k tokens evicts every prefix before it comes back, one
+    engine of 4 x 64k keeps them all and hits every second visit (as far as the window allows)."""
+    rng = random.Random(5)
+    prefixes = [[rng.randrange(1000, 100_000) for _ in range(40_000)] for _ in range(4)]
+    arrivals = [
+        (2.0 * i, p + [rng.randrange(1000, 100_000) for _ in range(64)]) for i, p in enumerate(prefixes * 2)
+    ]
+    cfg = variant_config("", 0)
+    small = simulate(arrivals, cfg, workers=1, window=0, capacity_tokens=1 << 16)
+    big = simulate(arrivals, cfg, workers=1, window=0, capacity_tokens=1 << 16, scale=4)
+    assert small.hit == 0.0
+    assert big.hit == pytest.approx(
+        sum(40_000 // 64 * 64 for _ in range(4)) / sum(len(a[1]) for a in arrivals), rel=0.02
+    )
