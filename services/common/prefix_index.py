@@ -27,15 +27,19 @@ that share an end together, bit-parallel, from the raw end downwards.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import operator
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat
 from typing import TYPE_CHECKING, Literal, cast
 
 from services.common.block_hash import BlockHash
-from services.common.pending_residency import PendingEntry, PendingLayer
+from services.common.pending_residency import PendingEntry, PendingLayer, clear_flag
 
 if TYPE_CHECKING:  # the event types live with the engine's cache; no runtime import (router side)
     from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
@@ -220,13 +224,14 @@ class PrefixIndex:
         return bit
 
     def _store(self, worker_id: str, kind: KVKind, hashes: Iterable[BlockHash]) -> None:
+        """The worker's flag OR-ed into each hash's mask, at C speed (a hash it holds already has
+        the flag: OR-ing it again changes nothing)."""
         flag = 1 << self._bit_of(worker_id)
         masks = self._masks[kind]
         own = self._blocks[worker_id][kind]
-        for h in hashes:
-            if h not in own:
-                own[h] = True
-                masks[h] = masks.get(h, 0) | flag
+        hs = hashes if isinstance(hashes, (list, tuple)) else list(hashes)
+        own.update(zip(hs, repeat(True)))
+        masks.update(zip(hs, map(operator.or_, map(masks.get, hs, repeat(0)), repeat(flag)), strict=True))
 
     def _replace_pending(self, worker_id: str) -> None:
         bit = self._bit.get(worker_id)
@@ -253,31 +258,36 @@ class PrefixIndex:
     def _drop(
         bit: int, own: dict[BlockHash, bool], masks: dict[BlockHash, int], hashes: Iterable[BlockHash]
     ) -> None:
-        keep = ~(1 << bit)
-        for h in hashes:
-            if h in own:
-                del own[h]
-                m = masks[h] & keep
-                if m:
-                    masks[h] = m
-                else:
-                    del masks[h]
+        held = [h for h in hashes if h in own]  # (a hash listed twice is there twice)
+        deque(map(own.pop, held, repeat(None)), maxlen=0)
+        clear_flag(masks, held, ~(1 << bit))
 
     def _raw_groups(self, hashes: Sequence[BlockHash], cand: int) -> list[tuple[int, int]]:
-        """(raw end, mask of the workers whose full-KV match ends there), ascending ends."""
+        """(raw end, mask of the workers whose full-KV match ends there), ascending ends.
+
+        Page by page, `alive` (the workers matching so far) is AND-ed with the page's mask; a worker
+        dropping out at page i ends at i. Done by chunks of pages at C speed: the masks looked up
+        with `map`, the running AND with `accumulate`. The running AND only loses bits, so it never
+        grows as a number either: each drop is found by bisection (at most one per worker)."""
         groups: list[tuple[int, int]] = []
         full = self._masks["full"]
         pend = self.pending.masks["full"]
         alive = cand
         i = 0
-        for h in hashes:
+        for start, stop in _chunks(len(hashes)):
             if not alive:
                 break
-            still = alive & (full.get(h, 0) | pend.get(h, 0) if pend else full.get(h, 0))
-            if still != alive:
-                groups.append((i, alive & ~still))
-                alive = still
-            i += 1
+            chunk = hashes[start:stop]
+            masks = map(full.get, chunk, repeat(0))
+            if pend:
+                masks = map(operator.or_, masks, map(pend.get, chunk, repeat(0)))
+            acc = list(accumulate(masks, operator.and_, initial=alive))  # acc[k]: after k pages
+            last, k = acc[-1], 0
+            while alive != last:
+                k = bisect.bisect_right(acc, -alive, lo=k, key=operator.neg)  # first acc[k] < alive
+                groups.append((i + k - 1, alive & ~acc[k]))
+                alive = acc[k]
+            i += len(chunk)
         if alive:
             groups.append((i, alive))
         return groups
@@ -327,6 +337,19 @@ class PrefixIndex:
                 out[ids[low.bit_length() - 1]] = end
                 mask ^= low
         return out
+
+
+FIRST_CHUNK = 16  # pages `match` reads first; then up to twice as far each time
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of consecutive slices of n pages ending at 16, 32, 64, ...: a match that ends
+    early reads less than twice what it needs, and a router's PageHashes, which hashes up to the
+    same ends, hashes no more than that."""
+    start, stop = 0, FIRST_CHUNK
+    while start < n:
+        yield start, min(n, stop)
+        start, stop = stop, 2 * stop
 
 
 __all__ = ["NO_MATCH", "KVKind", "PrefixIndex", "WorkerMatch"]

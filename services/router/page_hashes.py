@@ -53,6 +53,8 @@ class PageHashes(Sequence[BlockHash]):
         if isinstance(i, slice):
             picked = range(*i.indices(self._count))
             self._extend(max(picked, default=-1) + 1)
+            if picked.step > 0:
+                return self._done[picked.start : picked.stop : picked.step]
             return [self._done[j] for j in picked]
         if i < 0:
             i += self._count

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from services.common.block_hash import BlockHash, hash_blocks
+from services.common.pending_residency import PendingEntry
 from services.common.prefix_index import PrefixIndex, WorkerMatch
 from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, EventBuffer
 from services.engine.kv.page_pool import PagePool
@@ -196,3 +197,59 @@ def test_match_is_fast_for_64_workers_and_512_blocks():
         times.append(time.perf_counter() - t)
     assert res["w0"] == WorkerMatch(512, 512) and res["w20"] == WorkerMatch(228, 228)
     assert statistics.median(times) < 1e-3, f"median {statistics.median(times) * 1e3:.3f} ms"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_long_prompts_many_workers_and_pending_entries_match_brute_force(seed):
+    """Prompts of hundreds of pages (the match reads them in chunks of 16, 32, 64, ... pages and
+    bisects the running AND), 70 workers (masks past 64 bits), stores and removals listing a hash
+    twice, holes, and pending entries (routing-time residency) counted like real blocks."""
+    rng = random.Random(seed)
+    window = rng.choice([0, 8, 16])
+    base = [chain(700, 100 + s) for s in range(3)]
+    chains = base + [b[: rng.randrange(1, 700)] + chain(300, 200 + i) for i, b in enumerate(base)]
+    workers = [f"w{i}" for i in range(70)]
+    idx = PrefixIndex(PS, window)
+    idx.clock = lambda: 0.0  # pending deadlines never pass here
+    state: dict[str, tuple[set, set]] = {}
+    pid = 0
+    for step in range(400):
+        w = rng.choice(workers)
+        full, swa = state.setdefault(w, (set(), set()))
+        c = rng.choice(chains)
+        r = rng.random()
+        if r < 0.45:  # a prefix (or a slice) stored, some pages listed twice, maybe a hole
+            hs = c[: rng.randrange(1, len(c) + 1)] if rng.random() < 0.7 else c[rng.randrange(50) :][:200]
+            hs = hs + rng.sample(hs, min(len(hs), 3))
+            if rng.random() < 0.3:
+                del hs[rng.randrange(len(hs))]
+            kind = rng.choice(["full", "swa"])
+            idx.store(w, kind, hs)
+            (full if kind == "full" else swa).update(hs)
+        elif r < 0.65:
+            kind = rng.choice(["full", "swa"])
+            own = sorted(full if kind == "full" else swa)
+            hs = rng.sample(own, min(len(own), rng.randrange(1, 40))) if own else [c[0]]
+            idx.remove(w, kind, hs + hs[:2])
+            (full if kind == "full" else swa).difference_update(hs)
+        elif r < 0.9:  # routing-time residency: what the worker is about to hold
+            pid += 1
+            end = rng.randrange(1, len(c) + 1)
+            need = -(-window // PS)
+            entry = PendingEntry(f"p{pid}", w, tuple(c[:end]), tuple(c[max(0, end - need) : end]), 1e9)
+            idx.add_pending(entry)
+        else:
+            live = idx.pending.entries()
+            if live:
+                idx.drop_pending(rng.choice(live).pid)
+        q = rng.choice(chains)[: rng.randrange(1, 1000)]
+        known = idx.workers()  # (which workers are known is the test above's; here, their matches)
+        seen = {x: (set(state[x][0]), set(state[x][1])) if x in state else (set(), set()) for x in known}
+        for e in idx.pending.entries():
+            seen[e.worker][0].update(e.full)
+            seen[e.worker][1].update(e.swa)
+        assert idx.match(q) == brute(seen, q, window), step
+        some = rng.sample(workers, 5)
+        want = brute(seen, q, window)
+        assert idx.match(q, some) == {x: want.get(x, WorkerMatch(0, 0)) for x in some}
+    assert idx.state() == {w: (frozenset(f), frozenset(s)) for w, (f, s) in sorted(state.items()) if w in known}
