@@ -114,11 +114,13 @@ def block_digests(
         raise ValueError(f"{len(extras)} extras for {len(tokens)} tokens of page size {page_size}")
     if num_full == 0:
         return b""
-    msgs = _page_messages(_uint32(tokens, num_full * page_size), page_size)
+    ids = _uint32(tokens, num_full * page_size)
     prev = parent.to_bytes(HASH_BYTES, "big")
-    if extras is None or all(e is None for e in extras[:num_full]):
-        return _chain(msgs, prev) if _NATIVE is not None else _chain_python(msgs, prev)
-    return _chain_python(msgs, prev, extras)
+    plain = extras is None or all(e is None for e in extras[:num_full])
+    if plain and _NATIVE_PAGES is not None:
+        return _hash_pages(ids, page_size, prev)
+    msgs = _page_messages(ids, page_size)
+    return _chain_python(msgs, prev, None if plain else extras)
 
 
 def hashes_of(digests: bytes | bytearray | memoryview) -> list[BlockHash]:
@@ -167,6 +169,20 @@ def _chain(msgs: np.ndarray, prev: bytes) -> bytes:
     return out.tobytes()
 
 
+def _hash_pages(ids: np.ndarray, page_size: int, prev: bytes) -> bytes:
+    """`_chain(_page_messages(ids, page_size), prev)` in one C call that builds each page's message
+    itself (no packed copy of the prompt: ~0.3 ms less for 85k tokens)."""
+    assert _NATIVE_PAGES is not None
+    ids = np.ascontiguousarray(ids, dtype=np.uint32)
+    pages = len(ids) // page_size
+    out = bytearray(pages * HASH_BYTES)
+    buf = (ctypes.c_char * len(out)).from_buffer(out)
+    if _NATIVE_PAGES(_BLOCK_TAG, len(_BLOCK_TAG), prev, ids.ctypes.data, pages, page_size, buf):
+        raise MemoryError("block_hash_native: out of memory")
+    del buf
+    return bytes(out)
+
+
 def _page_messages(ids: np.ndarray, page_size: int) -> np.ndarray:
     """One row per full page: the part of its message after the parent, as bytes:
     token count | tokens as unsigned 32-bit big-endian | 0x00 (the no-extra marker)."""
@@ -178,15 +194,18 @@ def _page_messages(ids: np.ndarray, page_size: int) -> np.ndarray:
     return msgs
 
 
-def _load_native() -> Callable[..., int] | None:
-    """The C chain (`swaserve_hash_chain`) if scripts/setup.sh built it and SWASERVE_PURE_HASH is unset."""
+def _load_native(name: str) -> Callable[..., int] | None:
+    """A C function of the library (`swaserve_hash_chain` over packed rows, `swaserve_hash_pages`
+    over token ids) if scripts/setup.sh built it and SWASERVE_PURE_HASH is unset."""
     if os.environ.get("SWASERVE_PURE_HASH"):
         return None
     try:
         lib = ctypes.CDLL(str(NATIVE_LIBRARY))
     except OSError:  # not built here (no C compiler at setup): hashlib it is
         return None
-    fn = lib.swaserve_hash_chain
+    fn = getattr(lib, name, None)
+    if fn is None:  # a library built before this function existed: rebuild with scripts/setup.sh
+        return None
     fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t,
                    ctypes.c_size_t, ctypes.c_void_p]  # fmt: skip
     fn.restype = ctypes.c_int
@@ -194,7 +213,8 @@ def _load_native() -> Callable[..., int] | None:
 
 
 NATIVE_LIBRARY = Path(__file__).with_name("_block_hash_native.so")
-_NATIVE = _load_native()
+_NATIVE = _load_native("swaserve_hash_chain")
+_NATIVE_PAGES = _load_native("swaserve_hash_pages")
 
 
 def _uint32(tokens: Sequence[int] | np.ndarray, n: int) -> np.ndarray:

@@ -126,3 +126,35 @@ int swaserve_hash_chain(const uint8_t *tag, size_t tag_len, const uint8_t *paren
     if (msg != stack) free(msg);
     return 0;
 }
+
+/* swaserve_hash_chain over pages of token ids, the message of each page built here: out[16 i ..) =
+ * BLAKE2b-128(tag | parent_i | page_size (4 bytes, big-endian) | its ids, 4 bytes big-endian each |
+ * 0x00) for i < n, ids[i * page_size ..) the page's ids (host order, as a numpy uint32 array holds
+ * them). The caller needs no packed copy of the prompt. Returns 0, or -1 when out of memory. */
+int swaserve_hash_pages(const uint8_t *tag, size_t tag_len, const uint8_t *parent, const uint32_t *ids,
+                        size_t n, size_t page_size, uint8_t *out) {
+    size_t row = 4 + 4 * page_size + 1, len = tag_len + DIGEST + row;
+    uint8_t stack[512];
+    uint8_t *msg = len <= sizeof stack ? stack : malloc(len);
+    if (msg == NULL) return -1;
+    uint8_t *body = msg + tag_len + DIGEST;
+    memcpy(msg, tag, tag_len);
+    memcpy(msg + tag_len, parent, DIGEST);
+    for (int b = 0; b < 4; b++) body[b] = (uint8_t)(page_size >> (8 * (3 - b)));
+    body[row - 1] = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t *page = ids + i * page_size;
+        uint8_t *p = body + 4;
+        for (size_t j = 0; j < page_size; j++, p += 4) {
+            uint32_t v = page[j];
+            p[0] = (uint8_t)(v >> 24);
+            p[1] = (uint8_t)(v >> 16);
+            p[2] = (uint8_t)(v >> 8);
+            p[3] = (uint8_t)v;
+        }
+        blake2b_16(msg, len, out + i * DIGEST);
+        memcpy(msg + tag_len, out + i * DIGEST, DIGEST);
+    }
+    if (msg != stack) free(msg);
+    return 0;
+}

@@ -27,7 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from services.common.block_hash import HASH_BYTES, BlockHash
+from services.common.block_hash import HASH_BYTES, BlockHash, hashes_of
 from services.common.prefix_index import KVKind
 
 if TYPE_CHECKING:
@@ -100,9 +100,8 @@ def decode_ops(data: bytes) -> list[IndexOp]:
             raise ValueError(f"malformed KV ops at byte {i - 5}")
         op, kind = _OPS[code]
         hashes = tuple(
-            BlockHash(int.from_bytes(data[j : j + HASH_BYTES], "big"))
-            for j in range(i, i + n * HASH_BYTES, HASH_BYTES)
-        )
+            hashes_of(memoryview(data)[i : i + n * HASH_BYTES])
+        )  # one struct call, no int per slice
         out.append(IndexOp(cast(Any, op), cast(KVKind, kind), hashes))
         i += n * HASH_BYTES
     return out

@@ -192,6 +192,8 @@ def test_c_chain_and_hashlib_chain_give_the_reference_hashes(page: int) -> None:
         h = reference_hash(h, tokens[i * page : (i + 1) * page], None)
         want += h.to_bytes(16, "big")
     assert bh._chain(msgs, parent) == bh._chain_python(msgs, parent) == want
+    if bh._NATIVE_PAGES is not None:  # the pages' messages built in C, from the ids themselves
+        assert bh._hash_pages(np.array(tokens, dtype=np.uint32), page, parent) == want
 
 
 def test_pure_python_hashing_is_chosen_by_the_environment() -> None:

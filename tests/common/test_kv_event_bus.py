@@ -142,6 +142,41 @@ def test_ops_merge_and_round_trip_the_wire():
         decode_ops(b"F\x00\x00\x00\x02" + b"\x00" * 16)  # two hashes announced, one sent
 
 
+def test_decode_ops_reads_what_the_encoding_spells_out_on_random_ops() -> None:
+    """decode_ops (one struct call per op) against the wire format read byte by byte."""
+    rng = random.Random(5)
+    for _ in range(50):
+        ops = []
+        for _ in range(rng.randrange(1, 6)):
+            if rng.random() < 0.1:
+                ops.append(IndexOp("clear"))
+                continue
+            hashes = tuple(
+                BlockHash(rng.choice([0, 2**128 - 1, rng.getrandbits(128)]))
+                for _ in range(rng.randrange(0, 700))
+            )
+            ops.append(IndexOp(rng.choice(["store", "remove"]), rng.choice(["full", "swa"]), hashes))
+        data = encode_ops(ops)
+        want, i = [], 0
+        while i < len(data):
+            code, n = chr(data[i]), int.from_bytes(data[i + 1 : i + 5], "big")
+            hs = tuple(int.from_bytes(data[i + 5 + 16 * j : i + 21 + 16 * j], "big") for j in range(n))
+            want.append(("C", ()) if code == "C" else (code, hs))
+            i += 5 + 16 * n
+        got = [
+            ("C", ())
+            if o.op == "clear"
+            else (
+                {"store": "F", "remove": "f"}[o.op]
+                if o.kind == "full"
+                else {"store": "S", "remove": "s"}[o.op],
+                o.hashes,
+            )
+            for o in decode_ops(data)
+        ]
+        assert got == want and decode_ops(data) == ops
+
+
 # ---- round trips -------------------------------------------------------------------------------
 
 
