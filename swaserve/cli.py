@@ -1,5 +1,5 @@
 """The `swaserve` command: up, generate, model init, model import-gguf, bench replay, sim-worker, dashboards,
-and one service a process (router, prefill, decode, gcache: what a container runs)."""
+keys, and one service a process (router, prefill, decode, gcache: what a container runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     from swaserve.up import add_up_parser
 
     add_up_parser(sub)
+
+
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    from swaserve.keys_cmd import add_keys_parser
+
+    add_keys_parser(sub)
 
 
 def _add_dashboards(sub: argparse._SubParsersAction) -> None:
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(sub)
     _add_passthrough(sub)
     _add_dashboards(sub)
+    _add_keys(sub)
     return p
 
 

@@ -6,6 +6,8 @@ from concurrent import futures
 
 import grpc
 
+from services.common.grpc_auth import InternalSecurity, process_security
+
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # KV travels in 1-4 MiB chunks; this only guards against misuse
 
 SERVER_OPTIONS = [
@@ -15,10 +17,20 @@ SERVER_OPTIONS = [
 ]
 
 
-def make_server(host: str, port: int, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A server bound to host:port (port 0: any free port), not started; returns it and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
-    bound = server.add_insecure_port(f"{host}:{port}")
+def make_server(
+    host: str, port: int, max_workers: int = 32, security: InternalSecurity | None = None
+) -> tuple[grpc.Server, int]:
+    """A server bound to host:port (port 0: any free port), not started; returns it and its port.
+    `security` (default: this process's, grpc_auth.process_security) adds the token check and TLS."""
+    sec = security or process_security()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=SERVER_OPTIONS,
+        interceptors=sec.server_interceptors(),
+    )
+    creds = sec.server_credentials()
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)
     if bound == 0:
         raise OSError(f"could not bind a gRPC server to {host}:{port}")
     return server, bound

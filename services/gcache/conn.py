@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.grpc_auth import internal_channel
 from services.gcache.arena import ClientArena, Slot, align
 from services.gcache.results import PutCode, PutOutcome
 from services.gcache.wire import (
@@ -99,7 +100,7 @@ class NodeConn:
     def __init__(self, addr: str, timeout: float = 30.0) -> None:
         self.addr = addr
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(addr, options=GRPC_OPTIONS)
+        self.channel = internal_channel(addr, GRPC_OPTIONS)
         self._put = self.channel.stream_unary(
             method("BatchPut"), request_serializer=None, response_deserializer=gcache_pb2.PutReply.FromString
         )

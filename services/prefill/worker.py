@@ -51,10 +51,11 @@ def abort_at_decode(decode_addr: str, rid: str) -> None:
     """DecodeWorker.Abort(rid) at decode_addr; best effort (the decode's TTL is the backstop)."""
     import grpc
 
+    from services.common.grpc_auth import internal_channel
     from services.proto_gen import worker_pb2, worker_pb2_grpc
 
     try:
-        with grpc.insecure_channel(decode_addr) as channel:
+        with internal_channel(decode_addr) as channel:
             reply = worker_pb2_grpc.DecodeWorkerStub(channel).Abort(
                 worker_pb2.AbortRequest(rid=rid), timeout=5.0
             )

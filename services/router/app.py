@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.common.json_ids import read_id_array, reader_built
+from services.router.auth import ApiKeyGate, install_api_keys
 from services.router.completion import CompletionCore
 from services.router.dispatch import Dispatcher
 from services.router.errors import (
@@ -49,6 +50,7 @@ from services.router.openai_schema import ChatCompletionRequest, CompletionReque
 from services.router.prompts import chat_job, completion_job
 from services.router.responses import ChatFormat, CompletionFormat, Envelope
 from services.router.routing import IndexSource, RoutingPipeline
+from services.router.secured_clients import SecuredWorkerClients
 from services.router.settings import RouterSettings
 from services.router.streaming import (
     CLIENT_CLOSED,
@@ -58,7 +60,7 @@ from services.router.streaming import (
     run_or_disconnect,
 )
 from services.router.tokenization import RouterTokenizer
-from services.router.workers import WorkerClients, WorkerPool
+from services.router.workers import WorkerPool
 
 log = logging.getLogger("swaserve.router")
 M = TypeVar("M", bound=GenerationRequest)
@@ -83,10 +85,12 @@ def create_app(
     routing: RoutingPipeline | None = None,
     metrics: RouterMetrics | None = None,
     residency: Any = None,
+    api_keys: ApiKeyGate | None = None,
 ) -> FastAPI:
     """`index`: the prefix index follower (None: load-only routing); `l2_index`: the follower of
     the workers' host tiers (tier "l2"); `routing` overrides the pipeline built from them;
-    `residency`: records each decision as the worker's pending cache (services/router/residency.py)."""
+    `residency`: records each decision as the worker's pending cache (services/router/residency.py);
+    `api_keys`: API keys and rate limits on every path but /health, /ready, /metrics (auth.py)."""
     tok = RouterTokenizer(settings.model_dir)
     metrics = metrics or RouterMetrics()
     routing = routing or RoutingPipeline(settings.policy, index, l2_index=l2_index)
@@ -94,9 +98,9 @@ def create_app(
     metrics.watch(
         worker_pool, routing.index, routing.index_usable, lambda: routing.index_errors, residency=residency
     )
-    clients = WorkerClients()
+    clients = SecuredWorkerClients()  # the internal token / TLS on every worker call
     dispatcher = Dispatcher(settings, worker_pool, routing, clients, metrics, residency=residency)
-    core = CompletionCore(dispatcher, tok, tok.info.eos_token_ids, metrics)
+    core = (api_keys.core if api_keys else CompletionCore)(dispatcher, tok, tok.info.eos_token_ids, metrics)
     state = RouterState(settings, worker_pool, tok, core, metrics, int(time.time()))
 
     @asynccontextmanager
@@ -118,6 +122,8 @@ def create_app(
     app = FastAPI(title="swaserve router", lifespan=lifespan)
     app.state.router = state
     _install_error_handlers(app)
+    if api_keys is not None:
+        install_api_keys(app, api_keys, metrics.registry)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

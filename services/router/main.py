@@ -24,6 +24,7 @@ import uvicorn
 from services.common.registry import WorkerRecord
 from services.engine.model_store import find_known, models_dir
 from services.router.app import create_app
+from services.router.auth_args import add_api_key_args, api_key_gate
 from services.router.k8s_discovery import add_k8s_args, kubernetes_pool
 from services.router.policy.config import PolicyConfig, add_policy_args, policy_config_from_args
 from services.router.routing import IndexSource, policy_reads_l2
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     add_k8s_args(p)
     add_policy_args(p)
+    add_api_key_args(p)
     args = p.parse_args(argv)
     if args.discovery == "kubernetes" and args.prefill:
         p.error("--discovery kubernetes finds the workers itself: drop --prefill/--decode")
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     pool = worker_pool(args, args.model, index, l2_index)
     residency = routed_residency(args, policy, index)
-    app = create_app(settings, pool, index=index, l2_index=l2_index, residency=residency)
+    gate = api_key_gate(args)
+    app = create_app(settings, pool, index=index, l2_index=l2_index, residency=residency, api_keys=gate)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5,
         loop="uvloop", http="httptools",  # libuv loop and the C HTTP parser: ~1/3 less overhead a request

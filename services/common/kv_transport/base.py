@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import grpc
 
+from services.common.grpc_auth import internal_channel
 from services.common.kv_payload import KVMeta, KVPayload
 from services.common.kv_wire import KVWireError, decode_chunk, meta_from_header
 from services.proto_gen import kv_pb2
@@ -134,7 +135,7 @@ class KVSender(ABC):
 def connect(addr: str, timeout: float) -> grpc.Channel:
     """A channel that is READY, or KVTransferError: at once if the connection is refused, after
     `timeout` if nothing answers."""
-    ch = grpc.insecure_channel(addr, options=GRPC_OPTIONS)
+    ch = internal_channel(addr, GRPC_OPTIONS)
     done = threading.Event()
     state: list[grpc.ChannelConnectivity] = []
 
