@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import hmac
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,14 +132,19 @@ def _deny(_: Any, context: grpc.ServicerContext) -> Any:
     context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token")
 
 
+def _deny_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    _deny(request, context)  # raises; a generator, so the server aborts the stream it expects
+    yield from ()
+
+
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that refuses the call."""
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_deny)
+        return grpc.stream_stream_rpc_method_handler(_deny_stream)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(_deny)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_deny)
+        return grpc.unary_stream_rpc_method_handler(_deny_stream)
     return grpc.unary_unary_rpc_method_handler(_deny)
 
 
