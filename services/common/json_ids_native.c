@@ -24,19 +24,14 @@ long swaserve_json_uint32_array(const unsigned char *s, size_t n, size_t *end, u
     for (;;) {
         while (i < n && is_ws(s[i]))
             i++;
-        if (i >= n || s[i] < '0' || s[i] > '9')
-            return -1; /* an id must come: "[]", "[,", "[1,]", "[-1" and the like are not ours */
-        uint64_t v = (uint64_t)(s[i] - '0');
-        int leading_zero = s[i] == '0';
-        i++;
-        while (i < n && s[i] >= '0' && s[i] <= '9') {
-            if (leading_zero)
-                return -1; /* "01" is not JSON */
-            v = v * 10 + (uint64_t)(s[i] - '0');
-            if (v > 0xFFFFFFFFULL)
-                return -1;
-            i++;
-        }
+        size_t start = i;
+        uint64_t v = 0;
+        /* at most 10 digits fit below 2^64 with room to spare: no overflow check per digit */
+        while (i < n && i - start < 11 && (unsigned)(s[i] - '0') < 10)
+            v = v * 10 + (uint64_t)(s[i++] - '0');
+        size_t digits = i - start;
+        if (digits == 0 || digits > 10 || v > 0xFFFFFFFFULL || (s[start] == '0' && digits > 1))
+            return -1; /* no id ("[]", "[,", "[1,]", "[-1"), too long, or "01": not ours */
         if (count == cap)
             return -1;
         out[count++] = (uint32_t)v;
@@ -52,6 +47,6 @@ long swaserve_json_uint32_array(const unsigned char *s, size_t n, size_t *end, u
             *end = i + 1;
             return (long)count;
         }
-        return -1; /* ".", "e", "E" or anything else after an int */
+        return -1; /* ".", "e", "E", an 11th digit or anything else after an int */
     }
 }

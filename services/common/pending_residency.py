@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 import operator
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
@@ -133,12 +133,15 @@ class PendingLayer:
                     zip(hs, map(operator.or_, map(masks.get, hs, repeat(0)), repeat(flag)), strict=True)
                 )
                 continue
-            own = counts[kind]
-            for h in entry.hashes(kind):
-                n = own.get(h, 0)
-                own[h] = n + 1
-                if n == 0:
-                    masks[h] = masks.get(h, 0) | flag
+            own = counts[kind]  # the entry's hashes counted in; the flag set where none was
+            tally = Counter(entry.hashes(kind))
+            new = list(compress(tally, map(operator.not_, map(own.__contains__, tally))))
+            own.update(
+                zip(tally, map(operator.add, map(own.get, tally, repeat(0)), tally.values()), strict=True)
+            )
+            masks.update(
+                zip(new, map(operator.or_, map(masks.get, new, repeat(0)), repeat(flag)), strict=True)
+            )
         heapq.heappush(self._deadlines, (entry.deadline, entry.pid))
         self.added += 1
         return True
@@ -159,18 +162,13 @@ class PendingLayer:
             if counts is None:  # the worker's only entry: its flag goes wherever the entry has it
                 clear_flag(masks, entry.hashes(kind), keep)
                 continue
-            own = counts[kind]
-            for h in entry.hashes(kind):
-                n = own[h] - 1
-                if n:
-                    own[h] = n
-                    continue
-                del own[h]
-                m = masks[h] & keep
-                if m:
-                    masks[h] = m
-                else:
-                    del masks[h]
+            own = counts[kind]  # the entry's hashes counted out; the flag cleared where none is left
+            tally = Counter(entry.hashes(kind))
+            left = list(map(operator.sub, map(own.__getitem__, tally), tally.values()))
+            own.update(compress(zip(tally, left, strict=True), left))
+            gone = list(compress(tally, map(operator.not_, left)))
+            deque(map(own.__delitem__, gone), maxlen=0)
+            clear_flag(masks, gone, keep)
         if counts is not None and len(pids) < 2:  # one entry left (or none): no counts needed
             del self._counts[bit]
         return entry
@@ -218,11 +216,7 @@ def clear_flag(masks: dict[BlockHash, int], hashes: Sequence[BlockHash], keep: i
 
 def _tally(hashes: tuple[BlockHash, ...]) -> dict[BlockHash, int]:
     """How many times each hash is listed."""
-    counts: dict[BlockHash, int] = {}
-    get = counts.get
-    for h in hashes:
-        counts[h] = get(h, 0) + 1
-    return counts
+    return dict(Counter(hashes))
 
 
 def satisfied(

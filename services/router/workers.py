@@ -69,16 +69,25 @@ class StaticWorkerPool:
 
 
 class WorkerClients:
-    """One grpc.aio channel per worker address, opened on first use in the running event loop."""
+    """One grpc.aio channel per worker address, opened on first use in the running event loop, and
+    one stub per channel (a stub makes a callable per RPC of its service: not per request)."""
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._prefill: dict[str, worker_pb2_grpc.PrefillWorkerStub] = {}
+        self._decode: dict[str, worker_pb2_grpc.DecodeWorkerStub] = {}
 
     def prefill(self, addr: str) -> worker_pb2_grpc.PrefillWorkerStub:
-        return worker_pb2_grpc.PrefillWorkerStub(self._channel(addr))
+        stub = self._prefill.get(addr)
+        if stub is None:
+            stub = self._prefill[addr] = worker_pb2_grpc.PrefillWorkerStub(self._channel(addr))
+        return stub
 
     def decode(self, addr: str) -> worker_pb2_grpc.DecodeWorkerStub:
-        return worker_pb2_grpc.DecodeWorkerStub(self._channel(addr))
+        stub = self._decode.get(addr)
+        if stub is None:
+            stub = self._decode[addr] = worker_pb2_grpc.DecodeWorkerStub(self._channel(addr))
+        return stub
 
     def _channel(self, addr: str) -> grpc.aio.Channel:
         channel = self._channels.get(addr)
@@ -89,5 +98,7 @@ class WorkerClients:
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
+        self._prefill.clear()
+        self._decode.clear()
         for channel in channels:
             await channel.close(grace=None)
