@@ -33,6 +33,7 @@ from typing import Any
 from services.common.netutil import free_port, port_open
 from services.common.redis_server import RedisNotInstalled, RedisServer
 from services.engine.model_store import resolve_model, swaserve_home
+from swaserve.up_security import add_security_args, exposure_warning, router_security_args, security_env
 
 # exec shim: die with the supervisor (PR_SET_PDEATHSIG survives execve), then become the real child
 _PDEATHSIG_SHIM = (
@@ -269,6 +270,7 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
     router_argv = [
         sys.executable, "-m", "services.router.main", "--host", args.host, "--port", str(args.port),
         "--model", args.model, "--redis-url", redis_url, "--kv-transport", args.kv_transport,
+        *router_security_args(args),
     ]  # fmt: skip
     children.append(
         Child(
@@ -278,6 +280,9 @@ def build_children(args: argparse.Namespace, redis_url: str, run_dir: Path) -> l
             router_healthy(args.port, args.prefill, args.decode),
         )
     )
+    env = security_env(args)  # the internal token / TLS: the same for every service
+    for c in children:
+        c.extra_env |= env
     return children
 
 
@@ -328,15 +333,17 @@ def banner(args: argparse.Namespace, redis_url: str, run_dir: Path) -> str:
         else ""
     )
     body = json.dumps({"model": args.model, "messages": [{"role": "user", "content": q}], "max_tokens": 32})
+    auth = ' -H "Authorization: Bearer $SWASERVE_API_KEY"' if args.api_keys else ""
+    api_key = 'os.environ["SWASERVE_API_KEY"]' if args.api_keys else '"none"'
     return f"""
 swaserve is up: {base}  (model {args.model}; {args.prefill} prefill, {args.decode} decode{gcache}; redis {redis_url})
 logs: {run_dir}
 {prom}
-  curl {base}/chat/completions -H 'Content-Type: application/json' \\
+  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{body}'
 
   from openai import OpenAI
-  client = OpenAI(base_url="{base}", api_key="none")
+  client = OpenAI(base_url="{base}", api_key={api_key})
   r = client.chat.completions.create(
       model="{args.model}", messages=[{{"role": "user", "content": "{q}"}}], max_tokens=32)
   print(r.choices[0].message.content)
@@ -352,6 +359,9 @@ def run_up(args: argparse.Namespace) -> int:
         raise ValueError("--gcache must be >= 0")
     if port_open("127.0.0.1", args.port):
         raise ValueError(f"port {args.port} is already in use; pick another with --port")
+    warning = exposure_warning(args)
+    if warning:
+        say(warning)
     say(f"model {args.model}: {resolve_model(args.model)}")  # build it once, here, before the workers race
     run_dir = (
         Path(args.run_dir) if args.run_dir else swaserve_home() / "run" / time.strftime("up-%Y%m%d-%H%M%S")
@@ -392,7 +402,11 @@ def run_up(args: argparse.Namespace) -> int:
 def add_up_parser(sub: argparse._SubParsersAction) -> None:
     u = sub.add_parser("up", help="start redis, prefill and decode workers and the router on this machine")
     u.add_argument("--port", type=int, default=8000, help="the router's HTTP port (OpenAI API)")
-    u.add_argument("--host", default="127.0.0.1", help="the router's bind address")
+    u.add_argument(
+        "--host", default="127.0.0.1",
+        help="the router's bind address (every other service binds 127.0.0.1; 0.0.0.0 exposes the router)",
+    )  # fmt: skip
+    add_security_args(u)
     u.add_argument(
         "--model", default="smollm2", help="a known model name (smollm2, mimo-tiny) or a directory"
     )
