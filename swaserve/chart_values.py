@@ -330,6 +330,49 @@ class ServiceAccount(Closed):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+# -- security (docs/security.md) ---------------------------------------------------------------------
+class ApiKeys(Closed):
+    """API keys on the router (every path but /health, /ready, /metrics)."""
+
+    enabled: bool = Field(default=True, description="false: the API is open to whoever reaches the Service")
+    store: Literal["redis", "secret"] = Field(
+        default="redis",
+        description="redis: the keys in the chart's Redis (`swaserve keys add --redis $REDIS_URL`, seen by "
+        "every replica within refreshSeconds); secret: a key file in existingSecret (`swaserve keys add "
+        "--file`), re-read when the kubelet updates the mounted Secret",
+    )
+    existing_secret: str = Field(default="", description="store secret: the Secret holding the key file")
+    existing_secret_key: str = Field(default="keys.json", description="the key file's key in that Secret")
+    refresh_seconds: float = Field(default=1.0, gt=0, description="--api-key-refresh: a revocation's bound")
+
+
+class InternalToken(Closed):
+    """The token every service requires on internal gRPC calls (SWASERVE_INTERNAL_TOKEN)."""
+
+    enabled: bool = True
+    token: str = Field(default="", description="'': generated once and kept across upgrades")
+    existing_secret: str = Field(default="", description="a Secret holding the token instead")
+    existing_secret_key: str = "token"
+
+
+class InternalTls(Closed):
+    """TLS (mTLS: every pod presents the same certificate) on internal gRPC."""
+
+    existing_secret: str = Field(
+        default="", description="a Secret with tls.crt, tls.key and ca.crt ('': plaintext gRPC)"
+    )
+    server_name: str = Field(
+        default="swaserve-internal",
+        description="the name clients expect in the certificate (pods are dialled by IP): one of its SANs",
+    )
+
+
+class Security(Closed):
+    api_keys: ApiKeys = Field(default_factory=ApiKeys)
+    internal_token: InternalToken = Field(default_factory=InternalToken)
+    internal_tls: InternalTls = Field(default_factory=InternalTls)
+
+
 class Values(Closed):
     """helm/swaserve values."""
 
@@ -344,6 +387,7 @@ class Values(Closed):
     gcache: GCache = Field(default_factory=GCache)
     redis: Redis = Field(default_factory=Redis)
     monitoring: Monitoring = Field(default_factory=Monitoring)
+    security: Security = Field(default_factory=Security)
     service_account: ServiceAccount = Field(default_factory=ServiceAccount)
     rbac: Rbac = Field(default_factory=Rbac)
 

@@ -35,6 +35,11 @@
 {{- if and (eq $m.source "hostPath") (not $m.hostPath) -}}
 {{- fail "models.source hostPath: set models.hostPath (the directory holding models.name on every node)" -}}
 {{- end -}}
+{{- /* security */ -}}
+{{- $k := .Values.security.apiKeys -}}
+{{- if and $k.enabled (eq $k.store "secret") (not $k.existingSecret) -}}
+{{- fail "security.apiKeys.store secret: set security.apiKeys.existingSecret (a Secret holding the file `swaserve keys add --file keys.json --name NAME` made), or use store: redis" -}}
+{{- end -}}
 {{- /* redis */ -}}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) (not .Values.redis.external.existingSecret) -}}
 {{- fail "redis.enabled is false: set redis.external.url or redis.external.existingSecret (swaserve needs a Redis)" -}}

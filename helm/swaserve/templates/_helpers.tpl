@@ -48,6 +48,64 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- default (printf "%s-redis" (include "swaserve.fullname" .)) .Values.redis.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "swaserve.internalTokenSecretName" -}}
+{{- default (printf "%s-internal-token" (include "swaserve.fullname" .)) .Values.security.internalToken.existingSecret -}}
+{{- end -}}
+
+{{/* internal gRPC security for every service (services/common/grpc_auth.py reads these) */}}
+{{- define "swaserve.securityEnv" -}}
+{{- $t := .Values.security.internalToken -}}
+{{- if $t.enabled }}
+- name: SWASERVE_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "swaserve.internalTokenSecretName" . }}
+      key: {{ $t.existingSecretKey }}
+{{- end }}
+{{- with .Values.security.internalTls }}
+{{- if .existingSecret }}
+- name: SWASERVE_TLS_CERT
+  value: /etc/swaserve/tls/tls.crt
+- name: SWASERVE_TLS_KEY
+  value: /etc/swaserve/tls/tls.key
+- name: SWASERVE_TLS_CA
+  value: /etc/swaserve/tls/ca.crt
+- name: SWASERVE_TLS_SERVER_NAME
+  value: {{ .serverName | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "swaserve.tlsMount" -}}
+{{- if .Values.security.internalTls.existingSecret }}
+- name: internal-tls
+  mountPath: /etc/swaserve/tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "swaserve.tlsVolume" -}}
+{{- if .Values.security.internalTls.existingSecret }}
+- name: internal-tls
+  secret:
+    secretName: {{ .Values.security.internalTls.existingSecret }}
+    defaultMode: 0440  # group: the pods' fsGroup
+{{- end }}
+{{- end -}}
+
+{{/* the router's API key flags (services/router/auth_args.py) */}}
+{{- define "swaserve.apiKeyArgs" -}}
+{{- $k := .Values.security.apiKeys -}}
+{{- if $k.enabled -}}
+{{- if eq $k.store "redis" -}}
+- --api-keys-redis
+{{- else -}}
+- --api-keys=/etc/swaserve/api-keys/{{ $k.existingSecretKey }}
+{{- end }}
+- --api-key-refresh={{ $k.refreshSeconds }}
+{{- end -}}
+{{- end -}}
+
 {{/* deep merge: dict b over dict a (maps merge, everything else replaces; unlike mergeOverwrite,
      a zero value such as 0, false or "" does replace). Returns JSON. */}}
 {{- define "swaserve.deepMerge" -}}
@@ -103,6 +161,9 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- else }}
 - name: REDIS_URL
   value: {{ .Values.redis.external.url | quote }}
+{{- end }}
+{{- with (include "swaserve.securityEnv" . | trim) }}
+{{ . }}
 {{- end }}
 {{- end -}}
 
@@ -367,10 +428,12 @@ spec:
           {{- with (include "swaserve.containerSecurityContext" $root | trim) }}{{ . | nindent 10 }}{{ end }}
         volumeMounts:
           {{- with (include "swaserve.modelMount" $root | trim) }}{{ . | nindent 10 }}{{ end }}
+          {{- with (include "swaserve.tlsMount" $root | trim) }}{{ . | nindent 10 }}{{ end }}
           - name: dshm
             mountPath: /dev/shm
       volumes:
         {{- with (include "swaserve.modelVolume" $root | trim) }}{{ . | nindent 8 }}{{ end }}
+        {{- with (include "swaserve.tlsVolume" $root | trim) }}{{ . | nindent 8 }}{{ end }}
         - name: dshm
           {{- if and (eq .role "prefill") $root.Values.gcache.enabled $root.Values.gcache.sameHostShm }}
           hostPath: {path: /dev/shm, type: Directory}

@@ -4,7 +4,9 @@ stand-in (tests/k8s/process_kubelet.py) runs each pod's init containers and cont
 processes on the pod's own loopback IP. The built-in tiny model is written by the pods' init
 containers; Redis is a real redis-server the test starts (the chart's external Redis URL), since
 Services do not route here. The router finds the workers by watching pods with its own service
-account's token; the request goes to a router pod's IP with the official `openai` client. Then the
+account's token; the request goes to a router pod's IP with the official `openai` client and an API
+key the test adds to Redis (the chart's default key store), and every internal call carries the
+token of the Secret the chart generated. Then the
 decode pod is deleted and its replacement (a new IP) answers the next request; the uninstall
 leaves no process behind."""
 
@@ -24,6 +26,7 @@ import openai
 import pytest
 from kubernetes import client
 
+from services.common.api_keys import RedisKeyStore
 from services.common.redis_server import RedisServer
 from tests.deploy.chart.chart_render import CHART
 from tests.k8s.cluster import K8sCluster
@@ -109,9 +112,9 @@ def alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][:1] != "Z"
 
 
-def ask(base: str) -> None:
+def ask(base: str, key: str) -> None:
     """One chat completion through the router at `base`; a real answer with usage."""
-    api = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    api = openai.OpenAI(base_url=f"{base}/v1", api_key=key, timeout=120, max_retries=0)
     resp = api.chat.completions.create(
         model="mimo-tiny", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0
     )
@@ -144,8 +147,11 @@ def test_helm_install_answers_openai_request(
         base = f"http://{routers[0]['status']['podIP']}:8000"
         with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:  # noqa: S310 - loopback
             assert r.status == 200
+        key, _ = RedisKeyStore(redis_url).add("e2e")  # security.apiKeys: on, in Redis
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="sk-swa-none", max_retries=0).models.list()
         t1 = time.monotonic()
-        ask(base)
+        ask(base, key)
         request_s = time.monotonic() - t1
 
         # the decode pod is deleted: the stand-in stops its process, the ReplicaSet makes a new pod
@@ -158,7 +164,7 @@ def test_helm_install_answers_openai_request(
         pods = wait_ready(core, ns, kubelet, count=4, timeout=120)
         (new,) = [p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] == "decode"]
         assert new["status"]["podIP"] != old["status"]["podIP"] and not alive(old_pid)
-        ask(base)
+        ask(base, key)
         restart_s = time.monotonic() - t2
 
         pids = kubelet.pids()

@@ -158,6 +158,12 @@ def test_install_upgrade_uninstall(cfg: helm.Config, k8s_cluster: K8sCluster, k8
     assert decode.args[0] == "decode" and flag_map(decode.args)["--max-total-tokens"] == "140000"
     secret = core.read_namespaced_secret("sw-swaserve-redis", ns).data["redis-password"]
     assert len(base64.b64decode(secret)) == 32
+    token = core.read_namespaced_secret("sw-swaserve-internal-token", ns).data["token"]
+    assert len(base64.b64decode(token)) == 48  # security.internalToken: generated
+    assert {e.name: e for e in rc.env}["SWASERVE_INTERNAL_TOKEN"].value_from.secret_key_ref.name == (
+        "sw-swaserve-internal-token"
+    )
+    assert "--api-keys-redis" in rc.args  # security.apiKeys: on, in Redis
 
     # upgrade: a third pool, the long pool's range moves, two decode workers, the HPA on
     up = {**VALUES, "router": {"replicas": 2}, "decode": {**VALUES["decode"], "replicas": 2}, "prefill": {**VALUES["prefill"], "pools": [
@@ -178,6 +184,7 @@ def test_install_upgrade_uninstall(cfg: helm.Config, k8s_cluster: K8sCluster, k8
     hpa_path = f"/apis/autoscaling/v2beta2/namespaces/{ns}/horizontalpodautoscalers/sw-swaserve-router"
     assert get_raw(k8s_cluster, hpa_path)["spec"]["minReplicas"] == 2
     assert core.read_namespaced_secret("sw-swaserve-redis", ns).data["redis-password"] == secret  # kept
+    assert core.read_namespaced_secret("sw-swaserve-internal-token", ns).data["token"] == token  # kept
     # a bad upgrade is refused before anything changes
     bad = {
         **up,
