@@ -137,6 +137,7 @@ def test_helm_install_answers_openai_request(
     t0 = time.monotonic()
     with helm.Config(kubeconfig_path=str(k8s_cluster.kubeconfig), namespace=ns) as cfg:
         release = cfg.install(str(CHART), RELEASE, values(redis_url), namespace=ns)
+        key, _ = RedisKeyStore(redis_url).add("e2e")  # security.apiKeys: on, in Redis
         assert release["status"] == "deployed"
         pods = wait_ready(core, ns, kubelet, count=4, timeout=240)  # 2 routers, 1 prefill, 1 decode
         ready_s = time.monotonic() - t0
@@ -147,7 +148,6 @@ def test_helm_install_answers_openai_request(
         base = f"http://{routers[0]['status']['podIP']}:8000"
         with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:  # noqa: S310 - loopback
             assert r.status == 200
-        key, _ = RedisKeyStore(redis_url).add("e2e")  # security.apiKeys: on, in Redis
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="sk-swa-none", max_retries=0).models.list()
         t1 = time.monotonic()
