@@ -251,12 +251,18 @@ class _MeteredRun(CompletionRun):
                 async for ev in events:
                     yield ev
         finally:
-            if self._charge is not None:
-                u = self.usage()
-                self._gate.refund_later(
-                    self._charge, self._charge.tokens - u.prompt_tokens - u.completion_tokens
-                )
-                self._charge = None
+            self._settle()
+
+    def close(self) -> None:
+        super().close()
+        self._settle()  # a run closed before (or without) reading its events
+
+    def _settle(self) -> None:
+        """Once: give back what the reservation held beyond the tokens used."""
+        if self._charge is not None:
+            u = self.usage()
+            self._gate.refund_later(self._charge, self._charge.tokens - u.prompt_tokens - u.completion_tokens)
+            self._charge = None
 
 
 def install_api_keys(app: FastAPI, gate: ApiKeyGate, registry: CollectorRegistry) -> None:
