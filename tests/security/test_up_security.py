@@ -135,7 +135,11 @@ def test_up_exposes_only_the_router_which_checks_keys(tmp_path: Path) -> None:
         others = [(a, p) for a, p, _ in listening if p != port]
         assert router == [("0.0.0.0", port)], listening
         assert len(others) >= 7, listening  # redis, 2 workers x (gRPC, probes), GCache gRPC + metrics
-        exposed = [(a, p, _cmdline(pid)) for a, p, pid in listening if p != port and a != "127.0.0.1"]
+        exposed = [
+            (a, p, _cmdline(pid))
+            for a, p, pid in listening
+            if p != port and not ipaddress.ip_address(a).is_loopback
+        ]
         assert not exposed, exposed
 
         base = f"http://127.0.0.1:{port}/v1"
