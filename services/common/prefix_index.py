@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate, compress, repeat
 from typing import TYPE_CHECKING, Literal, cast
 
 from services.common.block_hash import BlockHash
@@ -224,14 +224,15 @@ class PrefixIndex:
         return bit
 
     def _store(self, worker_id: str, kind: KVKind, hashes: Iterable[BlockHash]) -> None:
-        """The worker's flag OR-ed into each hash's mask, at C speed (a hash it holds already has
-        the flag: OR-ing it again changes nothing)."""
+        """The worker's flag OR-ed into the mask of each hash it did not hold, at C speed (events
+        often list pages the worker holds already: those are only looked up)."""
         flag = 1 << self._bit_of(worker_id)
         masks = self._masks[kind]
         own = self._blocks[worker_id][kind]
         hs = hashes if isinstance(hashes, (list, tuple)) else list(hashes)
-        own.update(zip(hs, repeat(True)))
-        masks.update(zip(hs, map(operator.or_, map(masks.get, hs, repeat(0)), repeat(flag)), strict=True))
+        new = list(compress(hs, map(operator.not_, map(own.__contains__, hs))))  # (one listed twice: twice)
+        own.update(zip(new, repeat(True)))
+        masks.update(zip(new, map(operator.or_, map(masks.get, new, repeat(0)), repeat(flag)), strict=True))
 
     def _replace_pending(self, worker_id: str) -> None:
         bit = self._bit.get(worker_id)
@@ -258,7 +259,8 @@ class PrefixIndex:
     def _drop(
         bit: int, own: dict[BlockHash, bool], masks: dict[BlockHash, int], hashes: Iterable[BlockHash]
     ) -> None:
-        held = [h for h in hashes if h in own]  # (a hash listed twice is there twice)
+        hs = hashes if isinstance(hashes, (list, tuple)) else list(hashes)
+        held = list(compress(hs, map(own.__contains__, hs)))  # (a hash listed twice is there twice)
         deque(map(own.pop, held, repeat(None)), maxlen=0)
         clear_flag(masks, held, ~(1 << bit))
 
