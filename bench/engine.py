@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.engine.config import ModelConfig  # noqa: E402
 from services.engine.engine import DTYPES, Engine, EngineConfig, kv_specs  # noqa: E402
 from services.engine.kv.page_pool import PagePool  # noqa: E402
 from services.engine.kv.req_pages import ReqPages  # noqa: E402
-from services.engine.kv_store import LayerKVSpec  # noqa: E402
 from services.engine.sampling import SamplingParams  # noqa: E402
+from services.engine.tensors.kv_store import LayerKVSpec  # noqa: E402
+from services.models.config import ModelConfig  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
 
@@ -116,7 +116,7 @@ def run_hf(model_dir: Path, wl: Workload, max_tokens: int, batch: int) -> dict[s
 
 
 def kv_bytes_table(page_size: int = 16) -> list[tuple[str, int, float, float, float, float]]:
-    from services.engine.presets import get_preset
+    from services.models.presets import get_preset
 
     rows = []
     for name in ("mimo-v2-flash", "mimo-v2.5-pro"):
@@ -164,7 +164,7 @@ def main() -> int:
     n, out_len = (8, 8) if args.quick else (args.requests, args.output_len)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from services.engine.model_store import resolve_model
+    from services.models.model_store import resolve_model
 
     model_dir = resolve_model(args.model)
     cfg = ModelConfig.from_dict(__import__("json").loads((model_dir / "config.json").read_text()))

@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 from services.common.redis_server import RedisServer  # noqa: E402
 from services.engine.engine import Engine, EngineConfig  # noqa: E402
-from services.engine.model_init import init_model  # noqa: E402
 from services.engine.sampling import SamplingParams  # noqa: E402
 from services.gcache.client import GCacheClient  # noqa: E402
+from services.models.model_init import init_model  # noqa: E402
 
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 SUFFIX = 32

@@ -50,8 +50,8 @@ GOALS = {"shm": 0.5, "shm zero-copy": 0.5, "grpc": 0.5}
 
 
 def flash_meta(num_tokens: int) -> KVMeta:
-    from services.engine.config import ModelConfig
-    from services.engine.presets import get_preset
+    from services.models.config import ModelConfig
+    from services.models.presets import get_preset
 
     cfg = ModelConfig.from_dict(get_preset("mimo-v2-flash").config())
     layers = tuple(

@@ -31,7 +31,7 @@ from pathlib import Path
 from services.common.api_keys import FileKeyStore, RedisKeyStore
 from services.common.netutil import free_port, port_open
 from services.common.redis_server import RedisServer
-from services.engine.model_store import resolve_model
+from services.models.model_store import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -98,7 +98,7 @@ class Placement(Closed):
 
 # -- the workers ------------------------------------------------------------------------------------
 class Engine(Closed):
-    """The engine's flags (services/engine/worker_main.py `add_engine_args`)."""
+    """The engine's flags (services/worker/flags.py `add_engine_args`)."""
 
     page_size: int = Field(default=16, ge=1, description="--page-size: KV page, tokens")
     max_total_tokens: int = Field(default=32768, ge=1, description="--max-total-tokens: KV capacity")

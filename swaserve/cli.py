@@ -72,7 +72,7 @@ def _add_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
-    from services.engine.model_init import init_model
+    from services.models.model_init import init_model
 
     path = init_model(args.out, preset=args.preset, seed=args.seed)
     print(f"wrote {args.preset} (seed {args.seed}) to {path}")
@@ -80,7 +80,7 @@ def _cmd_model_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_gguf(args: argparse.Namespace) -> int:
-    from services.engine.gguf_import import import_gguf
+    from services.models.gguf_import import import_gguf
 
     path = import_gguf(args.out, gguf_path=args.gguf)
     print(f"imported to {path}")

@@ -22,9 +22,9 @@ def parse_ids(text: str) -> list[int]:
 def run_generate(args: argparse.Namespace) -> int:
     from services.common.chat_template import load_chat_template
     from services.engine.engine import Engine, EngineConfig
-    from services.engine.model_store import resolve_model
     from services.engine.request import Req
     from services.engine.sampling import SamplingParams
+    from services.models.model_store import resolve_model
 
     model_dir = resolve_model(args.model)
     engine = Engine.from_dir(model_dir, EngineConfig(dtype=args.dtype))

@@ -32,7 +32,8 @@ from typing import Any
 
 from services.common.netutil import free_port, port_open
 from services.common.redis_server import RedisNotInstalled, RedisServer
-from services.engine.model_store import resolve_model, swaserve_home
+from services.models.home import swaserve_home
+from services.models.model_store import resolve_model
 from swaserve.up_security import add_security_args, exposure_warning, router_security_args, security_env
 
 # exec shim: die with the supervisor (PR_SET_PDEATHSIG survives execve), then become the real child

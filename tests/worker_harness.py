@@ -20,13 +20,13 @@ from services.common.sampling_wire import sampling_to_proto
 from services.decode.metrics import DecodeMetrics
 from services.decode.server import add_decode_servicer
 from services.decode.worker import DecodeWorker
-from services.engine.checkpoint import load_model
 from services.engine.engine import Engine, EngineConfig
-from services.engine.engine_loop import EngineLoop
+from services.engine.models.loader import load_model
 from services.prefill.metrics import PrefillMetrics
 from services.prefill.server import add_prefill_servicer
 from services.prefill.worker import PrefillWorker
 from services.proto_gen import worker_pb2, worker_pb2_grpc
+from services.worker.engine_loop import EngineLoop
 
 
 @dataclass

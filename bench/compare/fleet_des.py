@@ -36,8 +36,8 @@ from bench.replay.traces import load_trace
 from bench.sim.cost_model import CostModel
 from bench.sim.engine import NO_PARAMS
 from services.common.kv_event_wire import ops_from_events
+from services.common.kv_events import EventBuffer
 from services.common.prefix_index import PrefixIndex
-from services.engine.kv.events import EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.queue_policy import make_queue_policy

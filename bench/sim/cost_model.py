@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.engine.presets import FULL, get_preset
+from services.models.presets import FULL, get_preset
 
 # -- calibration ---------------------------------------------------------------------------------
 # Prefill. No MiMo-V2-Flash prefill throughput is published as text (the LMSYS MiMo-V2-Flash post,
@@ -61,7 +61,7 @@ DECODE_TOKENS_PER_S_PER_REQUEST = 150.0
 DECODE_CALIBRATION_BATCH_PER_DP_RANK = 16
 
 # MiMo-V2-Flash itself: 309B total, 15B active parameters (huggingface.co/XiaomiMiMo/MiMo-V2-Flash
-# model card); layer kinds, heads and head dims from its config.json (services/engine/presets.py).
+# model card); layer kinds, heads and head dims from its config.json (services/models/presets.py).
 MIMO_V2_FLASH_ACTIVE_PARAMS = 15e9
 MODEL_PRESET = "mimo-v2-flash"
 # KV cache dtype: the LMSYS launch command sets no --kv-cache-dtype, so SGLang keeps KV in the

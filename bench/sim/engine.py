@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 from bench.sim.clock import SimClock
 from bench.sim.cost_model import CostModel
 from bench.sim.tokens import output_tokens
-from services.engine.kv.events import EventBuffer
+from services.common.kv_events import EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.queue_policy import make_queue_policy

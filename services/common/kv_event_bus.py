@@ -40,7 +40,7 @@ from services.common.kv_event_wire import (
 from services.common.kv_index_follower import KVIndexFollower
 
 if TYPE_CHECKING:
-    from services.engine.kv.events import KVEvent
+    from services.common.kv_events import KVEvent
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from services.common.block_hash import HASH_BYTES, BlockHash, hashes_of
 from services.common.prefix_index import KVKind
 
 if TYPE_CHECKING:
-    from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
+    from services.common.kv_events import BlockRemoved, BlockStored, KVEvent
 
 DEFAULT_PREFIX = "swaserve:kv"
 EntryKind = Literal["ops", "resync", "beat", "left"]

@@ -42,7 +42,7 @@ from services.common.block_hash import BlockHash
 from services.common.pending_residency import PendingEntry, PendingLayer, clear_flag
 
 if TYPE_CHECKING:  # the event types live with the engine's cache; no runtime import (router side)
-    from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
+    from services.common.kv_events import BlockRemoved, BlockStored, KVEvent
 
 KVKind = Literal["full", "swa"]
 

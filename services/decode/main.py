@@ -13,8 +13,9 @@ import grpc
 from services.decode.metrics import DecodeMetrics
 from services.decode.server import add_decode_servicer
 from services.decode.worker import DecodeWorker
-from services.engine.engine_loop import EngineLoop
-from services.engine.worker_main import Built, add_engine_args, serve
+from services.worker.engine_loop import EngineLoop
+from services.worker.flags import add_engine_args
+from services.worker.serve import Built, serve
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.engine.loop_metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, KVPoolCollector, loop_gauges
+from services.worker.engine_loop import EngineLoop
+from services.worker.loop_metrics import LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, KVPoolCollector, loop_gauges
 
-if TYPE_CHECKING:
-    from services.decode.worker import DecodeWorker
+
+class DecodeGauges(Protocol):
+    """What the gauges read from the decode worker (DecodeWorker is one; worker.py imports this module)."""
+
+    loop: EngineLoop
+
+    def reserved_tokens(self) -> int: ...
+
+    def pending_count(self) -> int: ...
 
 
 class DecodeMetrics:
@@ -49,7 +57,7 @@ class DecodeMetrics:
             self.expired.labels(what)
         self._bound = False
 
-    def bind(self, worker: DecodeWorker) -> None:
+    def bind(self, worker: DecodeGauges) -> None:
         if self._bound:
             return
         self._bound = True

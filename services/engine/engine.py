@@ -27,25 +27,25 @@ from typing import Any
 import torch
 
 from services.common.block_hash import BlockHash
+from services.common.kv_events import EventBuffer
 from services.common.kv_payload import KVPayload
-from services.engine.host_store import HostKVStore
-from services.engine.kv.events import EventBuffer
 from services.engine.kv.host_tier import HostTier, SpillJob
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.kv.req_pages import ReqPages
-from services.engine.kv_bytes import page_nbytes, read_pages, write_pages
-from services.engine.kv_store import KVStore, LayerKVSpec
-from services.engine.kv_transfer import export_kv, install_kv
 from services.engine.l3_tier import L3Fetch, L3Store, L3Tier, namespace
-from services.engine.layer_restore import LayerwiseRestore
-from services.engine.model import CausalLM
-from services.engine.model_runner import ModelRunner
+from services.engine.models.causal_lm import CausalLM
+from services.engine.models.model_runner import ModelRunner
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req, ReqStatus
 from services.engine.sampling import Sampled, Sampler, SamplingParams
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
+from services.engine.tensors.host_store import HostKVStore
+from services.engine.tensors.kv_bytes import page_nbytes, read_pages, write_pages
+from services.engine.tensors.kv_store import KVStore, LayerKVSpec
+from services.engine.tensors.kv_transfer import export_kv, install_kv
+from services.engine.tensors.layer_restore import LayerwiseRestore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,7 +156,7 @@ class Engine:
     def from_dir(cls, model_dir: str | Path, cfg: EngineConfig | None = None) -> Engine:
         from tokenizers import Tokenizer
 
-        from services.engine.checkpoint import load_model
+        from services.engine.models.loader import load_model
 
         cfg = cfg or EngineConfig()
         model = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device)

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 import grpc
 
-from services.engine.engine_loop import EngineLoop
-from services.engine.worker_main import Built, add_engine_args, serve
 from services.prefill.metrics import PrefillMetrics
 from services.prefill.server import add_prefill_servicer
 from services.prefill.worker import PrefillWorker
+from services.worker.engine_loop import EngineLoop
+from services.worker.flags import add_engine_args
+from services.worker.serve import Built, serve
 
 
 def build_parser() -> argparse.ArgumentParser:

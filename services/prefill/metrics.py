@@ -6,15 +6,11 @@ Every label value is created at start-up, so a rate over it is 0 before the firs
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.engine.engine_loop import EngineLoop
-from services.engine.loop_metrics import BYTES_BUCKETS, LATENCY_BUCKETS, KVPoolCollector, loop_gauges
-
-if TYPE_CHECKING:
-    from services.prefill.worker import PrefillResult
+from services.prefill.result import PrefillResult
+from services.worker.engine_loop import EngineLoop
+from services.worker.loop_metrics import BYTES_BUCKETS, LATENCY_BUCKETS, KVPoolCollector, loop_gauges
 
 
 class PrefillMetrics:

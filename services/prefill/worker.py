@@ -31,10 +31,11 @@ from typing import Any, Protocol
 from services.common.kv_payload import KVPayload
 from services.common.worker_errors import ErrorKind, WorkerError
 from services.engine.engine import Engine
-from services.engine.engine_loop import EngineLoop, EngineStopped
 from services.engine.request import FinishReason, Req
 from services.engine.sampling import SamplingParams
 from services.prefill.metrics import PrefillMetrics
+from services.prefill.result import PrefillResult
+from services.worker.engine_loop import EngineLoop, EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +79,6 @@ class PrefillJob:
     params: SamplingParams  # the client's, max_tokens included
     decode_addr: str
     kv_transport: str = ""  # "" -> the worker's default
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    rid: str
-    first_token: int
-    first_logprob: float
-    cached_tokens: int  # prompt tokens whose KV came from this worker's prefix cache (L1 + L2)
-    kv_bytes: int  # 0 when nothing was shipped (the first token ended the request)
-    finish_reason: str  # "" if the request goes on at the decode worker, else "stop" | "length"
-    matched_stop: str | int | None
-    queue_seconds: float
-    prefill_seconds: float
-    transfer_seconds: float
-    cached_tokens_l2: int = 0  # of cached_tokens, restored from the host tier
-    cached_tokens_l3: int = 0  # of cached_tokens, fetched from GCache (L3) through the host tier
 
 
 @dataclass(frozen=True)

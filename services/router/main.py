@@ -22,7 +22,8 @@ from typing import Any
 import uvicorn
 
 from services.common.registry import WorkerRecord
-from services.engine.model_store import find_known, models_dir
+from services.models.home import models_dir
+from services.models.model_store import find_known
 from services.router.app import create_app
 from services.router.auth_args import add_api_key_args, api_key_gate
 from services.router.k8s_discovery import add_k8s_args, kubernetes_pool
@@ -109,7 +110,7 @@ def model_dir_for(name: str, wait_s: float) -> tuple[Path, tuple[str, ...]]:
 
 def model_window(model_dir: Path) -> int:
     """The SWA window of the model in `model_dir` (0 without SWA layers); read without torch."""
-    from services.engine.config import ModelConfig
+    from services.models.config import ModelConfig
 
     try:
         raw = json.loads((model_dir / "config.json").read_text())

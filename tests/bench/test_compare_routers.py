@@ -396,7 +396,7 @@ def _available(policy: str) -> bool:
 def test_harness_runs_two_policies_on_fresh_fleets_and_leaves_nothing_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from services.engine.model_store import resolve_model
+    from services.models.model_store import resolve_model
 
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server")

@@ -67,7 +67,7 @@ def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFi
 
 
 def test_rounds_on_a_live_fleet_add_up(tmp_path: Path) -> None:
-    from services.engine.model_store import resolve_model
+    from services.models.model_store import resolve_model
 
     if shutil.which("redis-server") is None:
         pytest.skip("no redis-server")

@@ -39,7 +39,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    from services.engine.model_store import resolve_model
+    from services.models.model_store import resolve_model
 
     resolve_model(MODEL)  # the router waits for this directory; build it if this machine lacks it
     logs = tmp_path_factory.mktemp("sim-pd")

@@ -28,9 +28,9 @@ from services.common.kv_event_wire import (
     make_client,
     ops_from_events,
 )
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored, EventBuffer
 from services.common.prefix_index import WorkerMatch
 from services.common.redis_server import RedisServer
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 
@@ -446,10 +446,10 @@ def test_a_crashed_workers_blocks_expire(redis_server):
 
 
 def test_a_prefill_worker_publishes_its_radix_cache(redis_server):
-    from services.engine.model_store import resolve_model
     from services.engine.sampling import SamplingParams
-    from services.engine.worker_main import attach_kv_events, cache_block_hashes
+    from services.models.model_store import resolve_model
     from services.prefill.worker import PrefillJob
+    from services.worker.serve import attach_kv_events, cache_block_hashes
     from tests.worker_harness import LoadedModel, serve_prefill
 
     lm = LoadedModel.load("mimo-tiny", resolve_model("mimo-tiny"))

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from services.common.block_hash import BlockHash, hash_blocks
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored, EventBuffer
 from services.common.pending_residency import PendingEntry
 from services.common.prefix_index import PrefixIndex, WorkerMatch
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 

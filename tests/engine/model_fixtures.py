@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from services.engine.attention import DenseBackend
-from services.engine.model import CausalLM
+from services.engine.models.attention import DenseBackend
+from services.engine.models.causal_lm import CausalLM
 
 SEED = 1234
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from services.engine.attention import DenseBackend, attention_reference, in_window
-from services.engine.attention_backend import LayerAttn
+from services.engine.models.attention import DenseBackend, attention_reference, in_window
+from services.engine.models.attention_backend import LayerAttn
 
 WINDOW = 128
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.engine.checkpoint import load_model
-from services.engine.config import ModelConfig
-from services.engine.model import CausalLM
+from services.engine.models.causal_lm import CausalLM
+from services.engine.models.loader import load_model
+from services.models.config import ModelConfig
 from tests.engine.model_fixtures import tiny_pro_config, write_checkpoint
 
 CONFIG = tiny_pro_config(attention_projection_layout="split")
@@ -79,7 +79,7 @@ def test_mtp_tensors_are_skipped_and_logged(
         "model.mtp.layers.0.enorm.weight": torch.ones(64),
         "model.mtp.layers.0.eh_proj.weight": torch.ones(64, 128),
     }
-    with caplog.at_level(logging.INFO, logger="services.engine.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="services.models.checkpoint"):
         assert_loads_as(write_checkpoint(tmp_path, CONFIG, reference | extra), reference)
     assert "skipping 2 MTP tensors" in caplog.text
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from services.engine.engine import Engine, EngineConfig
-from services.engine.model import greedy_generate
+from services.engine.models.causal_lm import greedy_generate
 from services.engine.sampling import SamplingParams
 from tests.engine.tiny_models import mimo_dict, random_model
 

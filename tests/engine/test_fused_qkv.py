@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from services.engine.checkpoint import load_model, split_fused_qkv
-from services.engine.config import AttentionSpec, load_config
-from services.engine.model import greedy_generate
+from services.engine.models.causal_lm import greedy_generate
+from services.engine.models.loader import load_model
+from services.models.checkpoint import split_fused_qkv
+from services.models.config import AttentionSpec, load_config
 from tests.engine.model_fixtures import (
     prompt_logits,
     random_prompt,

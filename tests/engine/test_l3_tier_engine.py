@@ -14,11 +14,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.redis_server import RedisServer
 from services.engine.engine import Engine, EngineConfig
-from services.engine.kv_bytes import page_nbytes, read_pages, write_pages
-from services.engine.kv_store import KVStore
-from services.engine.loop_metrics import L3Collector
 from services.engine.sampling import SamplingParams
+from services.engine.tensors.kv_bytes import page_nbytes, read_pages, write_pages
+from services.engine.tensors.kv_store import KVStore
 from services.gcache.client import GCacheClient
+from services.worker.loop_metrics import L3Collector
 from tests.engine.tiny_models import mimo_dict, random_model, reference_greedy, reference_logits
 from tests.gcache.conftest import NodeProc
 
@@ -200,7 +200,7 @@ def test_a_missing_tail_in_l3_restores_only_up_to_an_earlier_tail(mimo, cluster)
 def test_worker_flags_for_l3_fail_clearly_without_l2_or_with_bad_values(mimo):
     import argparse
 
-    from services.engine.worker_main import attach_l3
+    from services.worker.serve import attach_l3
 
     no_l2, _ = _engine(mimo, None, host_kv_tokens=0)
     args = argparse.Namespace(gcache_redis_url="redis://127.0.0.1:1/0", l3_model_name="", model="m",

@@ -21,9 +21,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from services.engine.checkpoint import load_model
-from services.engine.model import CausalLM, greedy_generate
-from services.engine.moe import MoE
+from services.engine.models.causal_lm import CausalLM, greedy_generate
+from services.engine.models.loader import load_model
+from services.engine.models.moe import MoE
 from tests.engine.model_fixtures import SEED, prompt_logits, random_prompt, randomize_, relative_error
 
 TOLERANCE = 1e-4

@@ -5,8 +5,8 @@ import torch
 from transformers import MiMoV2FlashConfig
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashMLP, MiMoV2FlashMoE
 
-from services.engine.config import MoESpec
-from services.engine.moe import MoE, SwiGLU, route
+from services.engine.models.moe import MoE, SwiGLU, route
+from services.models.config import MoESpec
 
 HIDDEN = 16
 

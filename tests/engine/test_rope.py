@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import apply_rotary_pos_emb
 
-from services.engine.rope import Rotary, inv_frequencies
+from services.engine.models.rope import Rotary, inv_frequencies
 
 
 def hf_rotate(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from services.engine.engine import Engine, EngineConfig
-from services.engine.model_store import resolve_model
 from services.engine.sampling import SamplingParams
+from services.models.model_store import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from services.engine.attention import DenseBackend
-from services.engine.config import ModelConfig
-from services.engine.model import CausalLM
+from services.engine.models.attention import DenseBackend
+from services.engine.models.causal_lm import CausalLM
+from services.models.config import ModelConfig
 
 
 def mimo_dict(window: int = 8, vocab: int = 256, layers: int = 4, **over: Any) -> dict[str, Any]:

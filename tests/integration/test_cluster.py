@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from services.engine.engine import Engine, EngineConfig
-from services.engine.model_store import resolve_model
 from services.engine.sampling import SamplingParams
+from services.models.model_store import resolve_model
 from tests.integration.up_cluster import swaserve_up
 
 MODEL = "mimo-tiny"

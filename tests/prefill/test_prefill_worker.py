@@ -20,11 +20,11 @@ from services.common.kv_payload import KVPayload
 from services.common.kv_transport import add_kv_receiver
 from services.common.netutil import free_port
 from services.common.prompt_wire import pack_ids
-from services.engine.loop_metrics import serve_metrics
-from services.engine.model_store import resolve_model
 from services.engine.sampling import SamplingParams
+from services.models.model_store import resolve_model
 from services.prefill.main import build_parser
 from services.proto_gen import worker_pb2
+from services.worker.loop_metrics import serve_metrics
 from tests.worker_harness import LoadedModel, prefill_stub, sampling, serve_prefill
 
 SHORT = [(31 * i + 7) % 150_000 for i in range(20)]

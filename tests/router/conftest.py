@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 from tokenizers import Tokenizer
 
-from services.engine.model_store import resolve_model
+from services.models.model_store import resolve_model
 from services.router.app import create_app
 from services.router.settings import RouterSettings
 from services.router.workers import StaticWorkerPool, WorkerPool

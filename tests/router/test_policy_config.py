@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.engine.model_store import resolve_model
+from services.models.model_store import resolve_model
 from services.router.main import index_follower, model_window, parse_args
 from services.router.policy.config import LengthBucket, ProfileSpec, TierCredit, policy_config_from_args
 

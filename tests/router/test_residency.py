@@ -16,12 +16,12 @@ import pytest
 
 from services.common.block_hash import ROOT_HASH, BlockHash, hash_blocks
 from services.common.kv_event_bus import KVEventPublisher
+from services.common.kv_events import AllCleared, BlockStored
 from services.common.kv_index_follower import KVIndexFollower
 from services.common.pending_wire import pack_hashes
 from services.common.prefix_index import WorkerMatch
 from services.common.redis_server import RedisServer
 from services.common.registry import WorkerRecord, WorkerRegistry
-from services.engine.kv.events import AllCleared, BlockStored
 from services.router.discovery import RedisWorkerPool
 from services.router.policy import Candidate, PolicyConfig
 from services.router.residency import RoutedResidency, whole_pages_packed

@@ -1,9 +1,10 @@
 """KV bookkeeping of the engine: page pools, the window-safe radix cache and its events.
 
-Ids and lengths only: nothing here imports torch or numpy, so bench/ reuses it in simulated workers.
+The event types live in services/common/kv_events.py (the router consumes them) and are re-exported
+here. Ids and lengths only: nothing here imports torch or numpy, so bench/ reuses it in simulated workers.
 """
 
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, EventBuffer, KVEvent, KVKind
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored, EventBuffer, KVEvent, KVKind
 from services.engine.kv.page_pool import OutOfPages, PagePool
 from services.engine.kv.radix_cache import InsertResult, MatchResult, RadixCache
 from services.engine.kv.radix_node import RadixNode

@@ -19,7 +19,7 @@ segment when a lookup uses it; probation is evicted first. One-shot prefixes (a 
 conversations) therefore cannot push out a hot one (a shared system prompt, a long conversation's
 turns). The protected segment holds at most PROTECTED_FRACTION of a kind's pages: past that its
 least recently used entries go back to probation (so new entries always have room to prove
-themselves). Host pages come from two PagePools; services/engine/host_store.py holds the bytes.
+themselves). Host pages come from two PagePools; services/engine/tensors/host_store.py holds the bytes.
 
 Events (tier "l2", kv/events.py) tell the router what L2 holds: a full block is a "full" event of
 its hash, a tail a "swa" event of the hash of the page it ends at, so that an index built with a
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from services.common.block_hash import ROOT_HASH, BlockHash
-from services.engine.kv.events import BlockRemoved, BlockStored, KVEvent
+from services.common.kv_events import BlockRemoved, BlockStored, KVEvent
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.req_pages import swa_keep_start
 

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.common.block_hash import ROOT_HASH, BlockHash, hash_block
+from services.common.kv_events import AllCleared, KVEvent, KVKind
 from services.engine.kv import radix_evict
-from services.engine.kv.events import AllCleared, KVEvent, KVKind
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_node import (
     DEEP,

@@ -14,21 +14,44 @@ the nodes plus the pages evicted (the heap is O(leaves log leaves)).
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from services.common.block_hash import ROOT_HASH, hash_block
-from services.engine.kv.events import BlockRemoved
+from services.common.kv_events import BlockRemoved, KVEvent
+from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_node import DEEP, TAIL, RadixNode, window_pages
 
-if TYPE_CHECKING:
-    from services.engine.kv.radix_cache import RadixCache
+
+class EvictableCache(Protocol):
+    """The radix cache as eviction sees it: its tree, pools and incremental counts.
+
+    radix_cache.RadixCache is the one implementation; it imports this module, so this one names
+    what it needs structurally instead of importing it back.
+    """
+
+    page_size: int
+    window: int
+    full_pool: PagePool
+    swa_pool: PagePool
+    root: RadixNode
+    nodes: set[RadixNode]
+    _total_full: int
+    _locked_full: int
+    _swa_count: list[int]
+    _num_locks: int
+
+    def _count_swa(self, node: RadixNode, cls: int, delta: int) -> None: ...
+
+    def _sync_point(self, node: RadixNode) -> None: ...
+
+    def _emit(self, event: KVEvent) -> None: ...
 
 
 def _leaf_entry(n: RadixNode) -> tuple[int, int, int, RadixNode]:
     return (n.last_access, -n.start, n.uid, n)
 
 
-def evict_full(cache: RadixCache, num_pages: int) -> int:
+def evict_full(cache: EvictableCache, num_pages: int) -> int:
     if num_pages <= 0:
         return 0
     heap = [_leaf_entry(n) for n in cache.nodes if not n.children and n.lock_ref == 0]
@@ -44,7 +67,7 @@ def evict_full(cache: RadixCache, num_pages: int) -> int:
     return freed
 
 
-def _remove_leaf(cache: RadixCache, node: RadixNode) -> int:
+def _remove_leaf(cache: EvictableCache, node: RadixNode) -> int:
     """Drop an unlocked leaf and the cache's references to its pages; returns full pages freed."""
     parent = node.parent
     assert parent is not None and not node.children and node.lock_ref == 0
@@ -68,7 +91,7 @@ def _remove_leaf(cache: RadixCache, node: RadixNode) -> int:
     return freed
 
 
-def evict_swa(cache: RadixCache, num_pages: int, keep_tails: bool) -> int:
+def evict_swa(cache: EvictableCache, num_pages: int, keep_tails: bool) -> int:
     freed = 0
     for cls in (DEEP,) if keep_tails else (DEEP, TAIL):
         if freed >= num_pages:
@@ -93,7 +116,7 @@ def evict_swa(cache: RadixCache, num_pages: int, keep_tails: bool) -> int:
     return freed
 
 
-def check_invariants(cache: RadixCache) -> None:
+def check_invariants(cache: EvictableCache) -> None:
     """Raise AssertionError where the tree and the cache's counts disagree."""
     ps = cache.page_size
     seen: list[RadixNode] = []

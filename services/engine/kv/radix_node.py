@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from services.common.block_hash import ROOT_HASH, BlockHash
-from services.engine.kv.events import BlockStored, KVKind
+from services.common.kv_events import BlockStored, KVKind
 
 PageKey = tuple[tuple[int, ...], bytes | None]
 """One page of a radix key: its token ids and the extra mixed into its hash (None if none)."""

@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from services.engine.kv.events import EventBuffer
+from services.common.kv_events import EventBuffer
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import InsertResult, RadixCache
 

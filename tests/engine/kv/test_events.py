@@ -3,7 +3,7 @@ import json
 import pytest
 
 from services.common.block_hash import ROOT_HASH, BlockHash, hash_blocks
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, EventBuffer, KVEvent
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored, EventBuffer, KVEvent
 
 HASHES = tuple(hash_blocks(list(range(8)), 4))
 
@@ -61,7 +61,7 @@ def test_event_buffer_drains_in_order() -> None:
 
 
 def test_event_buffer_is_bounded_and_counts_what_it_dropped():
-    from services.engine.kv.events import AllCleared, EventBuffer
+    from services.common.kv_events import AllCleared, EventBuffer
 
     buf = EventBuffer(max_events=3)
     for _ in range(5):

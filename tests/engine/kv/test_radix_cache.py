@@ -2,7 +2,7 @@
 import pytest
 
 from services.common.block_hash import ROOT_HASH, hash_blocks
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored
 from tests.engine.kv.radix_env import Env
 
 SEQ = list(range(100, 164))  # 64 tokens = 16 pages of 4

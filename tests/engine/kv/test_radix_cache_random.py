@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.common.block_hash import BlockHash, hash_block, hash_blocks
-from services.engine.kv.events import AllCleared, BlockRemoved, BlockStored, KVEvent
+from services.common.kv_events import AllCleared, BlockRemoved, BlockStored, KVEvent
 from services.engine.kv.radix_cache import MatchResult, RadixCache
 from tests.engine.kv.radix_env import Env
 

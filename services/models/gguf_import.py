@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from services.engine.gguf_reader import GGUFFile
+from services.models.gguf_reader import GGUFFile
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values marking added tokens

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.attention_backend import SeqSegment
-from services.engine.kv_store import KVStore
-from services.engine.model import CausalLM
-from services.engine.paged_backend import LayerWait, PagedBackend
+from services.engine.models.attention_backend import SeqSegment
+from services.engine.models.causal_lm import CausalLM
+from services.engine.models.paged_backend import LayerWait, PagedBackend
 from services.engine.scheduler import ScheduledStep
+from services.engine.tensors.kv_store import KVStore
 
 
 class ModelRunner:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.kv_store import KVStore, LayerKVSpec
+from services.engine.tensors.kv_store import KVStore, LayerKVSpec
 
 
 class HostKVStore:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.config import MoESpec
+from services.models.config import MoESpec
 
 
 class SwiGLU(nn.Module):

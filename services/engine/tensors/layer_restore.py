@@ -21,9 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from services.engine.host_store import HostKVStore
 from services.engine.kv.host_tier import RestoreJob
-from services.engine.kv_store import KVStore
+from services.engine.tensors.host_store import HostKVStore
+from services.engine.tensors.kv_store import KVStore
 
 
 class LayerwiseRestore:

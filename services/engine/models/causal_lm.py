@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.attention import DenseBackend
-from services.engine.attention_backend import AttentionBackend, LayerAttn
-from services.engine.config import ModelConfig
-from services.engine.moe import MoE, SwiGLU
-from services.engine.rope import Rotary
+from services.engine.models.attention import DenseBackend
+from services.engine.models.attention_backend import AttentionBackend, LayerAttn
+from services.engine.models.moe import MoE, SwiGLU
+from services.engine.models.rope import Rotary
+from services.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from services.engine.model_init import checkpoint_tensors, init_model
-from services.engine.presets import (
+from services.models.model_init import checkpoint_tensors, init_model
+from services.models.presets import (
     PRESETS,
     get_preset,
     periodic_pattern,

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from services.engine.model_store import cache_dir
+from services.models.home import cache_dir
 
 BUILD_VERSION = 1  # bump when the generated tokenizer.json changes for the same inputs
 

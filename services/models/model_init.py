@@ -36,9 +36,9 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from services.engine.presets import DENSE, SWA, get_preset, transformers_mirror
-from services.engine.tokenizer_build import VOCAB_SIZE as TOKENIZER_VOCAB
-from services.engine.tokenizer_build import write_qwen_tokenizer
+from services.models.presets import DENSE, SWA, get_preset, transformers_mirror
+from services.models.tokenizer_build import VOCAB_SIZE as TOKENIZER_VOCAB
+from services.models.tokenizer_build import write_qwen_tokenizer
 
 Init = Literal["matrix", "norm", "sink", "router_bias"]
 NORM_NOISE, SINK_STD, ROUTER_BIAS_STD = 0.05, 1.0, 0.05

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from services.engine import model_store
-from services.engine.model_store import (
+from services.models import model_store
+from services.models.home import swaserve_home
+from services.models.model_store import (
     STAMP_FILE,
     UnknownModelError,
     find_known,
     resolve_model,
-    swaserve_home,
 )
 
 

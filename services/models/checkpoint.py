@@ -1,6 +1,7 @@
-"""Load a Hugging Face checkpoint directory (config.json + *.safetensors) into a `CausalLM`.
+"""Read a Hugging Face checkpoint directory (*.safetensors) as tensors under the model's parameter names.
 
-The model's parameter names are the published hub names. Also accepted, and rewritten to those:
+`services.engine.models.loader.load_model` builds the `CausalLM` from them. The model's parameter
+names are the published hub names. Also accepted, and rewritten to those:
   * transformers' native MiMo names: `self_attn.sinks` (hub: `self_attn.attention_sink_bias`),
     `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and `mlp.experts.down_proj` [E, H, I]
     (hub: `mlp.experts.{e}.{gate,up,down}_proj.weight`);
@@ -24,34 +25,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from services.engine.config import AttentionSpec, ModelConfig, load_config
-from services.engine.model import CausalLM
+from services.models.config import AttentionSpec, ModelConfig
 
 log = logging.getLogger(__name__)
 
 MTP_PREFIX = "model.mtp."
-_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # routing stays fp32
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # routing stays fp32
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _PACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 _FUSED_QKV = re.compile(r"^(.*\.self_attn)\.qkv_proj\.(weight|bias)$")
-
-
-def load_model(
-    model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> CausalLM:
-    """The model of `model_dir` in eval mode, without gradients; its ModelConfig is `model.config`."""
-    config = load_config(model_dir)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        raw_config = json.load(f)
-    tensors = to_model_names(read_safetensors(model_dir), config, raw_config.get("quantization_config"))
-    with torch.device("meta"):
-        model = CausalLM(config)
-    check_against_model(tensors, model.state_dict())
-    for name, tensor in tensors.items():
-        tensors[name] = tensor.to(torch.float32 if name.endswith(_FP32_SUFFIXES) else dtype)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.to(device).eval().requires_grad_(False)
-    return model
 
 
 def read_safetensors(model_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

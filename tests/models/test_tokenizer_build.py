@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from services.engine import tokenizer_build as tb
+from services.models import tokenizer_build as tb
 
 TEXTS = [
     "Hello, world!",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.engine.attention_backend import LayerAttn, SeqSegment
+from services.engine.models.attention_backend import LayerAttn, SeqSegment
 
 
 def in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.engine.engine_loop import LoopStats
+from services.worker.engine_loop import LoopStats
 
 # up to 512 s: a 1M-token prompt's TTFT on the long bucket (queue included) lands in the last buckets
 LATENCY_BUCKETS = (

@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from services.engine.engine import Engine, EngineConfig
-from services.engine.engine_loop import EngineLoop, EngineStopped
 from services.engine.sampling import SamplingParams
+from services.worker.engine_loop import EngineLoop, EngineStopped
 from tests.engine.tiny_models import mimo_dict, random_model
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

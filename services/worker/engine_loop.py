@@ -266,7 +266,7 @@ class EngineLoop:
                     break
                 if self.engine.has_work():
                     self._step()
-                self._publish_stats()  # before the hooks: they may publish the load (worker_main)
+                self._publish_stats()  # before the hooks: they may publish the load (serve.py)
                 self._run_after_step()
         finally:
             self._stopping = True

@@ -10,7 +10,7 @@ import torch
 
 from services.common.kv_payload import DTYPE_NAMES, KVMeta, KVPayload, LayerMeta
 from services.engine.kv.req_pages import ReqPages
-from services.engine.kv_store import KVStore
+from services.engine.tensors.kv_store import KVStore
 
 
 def payload_meta(store: KVStore, rid: str, num_tokens: int, window: int) -> KVMeta:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.kv_store import LayerKVSpec
+from services.engine.tensors.kv_store import LayerKVSpec
 
 
 def page_nbytes(specs: Sequence[LayerKVSpec], kind: str, page_size: int, dtype: torch.dtype) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.config import AttentionSpec
+from services.models.config import AttentionSpec
 
 
 def inv_frequencies(theta: float, rotary_dim: int, device: torch.device | None = None) -> torch.Tensor:

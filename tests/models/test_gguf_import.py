@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.engine.gguf_import import hf_name, import_gguf, smollm2_gguf_path, unpermute_rotary
-from services.engine.gguf_reader import GGMLType, GGUFFile, dequantize
+from services.models.gguf_import import hf_name, import_gguf, smollm2_gguf_path, unpermute_rotary
+from services.models.gguf_reader import GGMLType, GGUFFile, dequantize
 
 TEXTS = [
     "What is the capital of France?",

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from transformers import MiMoV2FlashConfig
 
-from services.engine.config import (
+from services.models.config import (
     FULL,
     SWA,
     KVGeometry,

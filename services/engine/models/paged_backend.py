@@ -17,10 +17,10 @@ from typing import Protocol
 
 import torch
 
-from services.engine.attention import attention_reference
-from services.engine.attention_backend import LayerAttn, SeqSegment
 from services.engine.kv.req_pages import StepSlots
-from services.engine.kv_store import KVStore
+from services.engine.models.attention import attention_reference
+from services.engine.models.attention_backend import LayerAttn, SeqSegment
+from services.engine.tensors.kv_store import KVStore
 
 
 def _t(xs: list[int], device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Where prepared models live, and how a model name becomes a checkpoint directory.
 
-Layout under the home (`$SWASERVE_HOME`, else `~/.cache/swaserve`):
+Layout under the home (`$SWASERVE_HOME`, else `~/.cache/swaserve`; see home.py):
 
     <home>/models/<dir_name>/        one Hugging Face style checkpoint per known model
     <home>/cache/<kind>/             derived artefacts (e.g. the generated Qwen2 tokenizer.json)
@@ -10,7 +10,8 @@ sibling temp directory and renamed into place only after its stamp file is writt
 mid-way leaves a `.tmp-*` directory (swept on the next build) and never a half model. A file lock
 per model serialises builders across processes (prefill and decode starting together).
 
-This module imports no torch: the builders are imported only when a model must be built.
+This module imports no torch: the builders (model_init, gguf_import) are imported only when a model
+must be built. They import home.py, never this module, so there is no import circle.
 """
 
 from __future__ import annotations
@@ -27,26 +28,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-ENV_HOME = "SWASERVE_HOME"
+from services.models.home import models_dir
+
 STAMP_FILE = "swaserve_model.json"  # written last inside a built model dir; its presence marks completion
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-
-
-def swaserve_home() -> Path:
-    """`$SWASERVE_HOME` if set and non-empty, else `~/.cache/swaserve` (not created here)."""
-    env = os.environ.get(ENV_HOME)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "swaserve"
-
-
-def models_dir() -> Path:
-    return swaserve_home() / "models"
-
-
-def cache_dir(kind: str) -> Path:
-    """A per-user cache directory for derived artefacts of one kind, created on demand."""
-    path = swaserve_home() / "cache" / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 class UnknownModelError(ValueError):
@@ -65,13 +50,13 @@ class KnownModel:
 
 
 def _build_smollm2(out_dir: Path) -> None:
-    from services.engine.gguf_import import import_smollm2
+    from services.models.gguf_import import import_smollm2
 
     import_smollm2(out_dir)
 
 
 def _build_mimo_tiny(out_dir: Path) -> None:
-    from services.engine.model_init import init_model
+    from services.models.model_init import init_model
 
     init_model(out_dir, preset="mimo-tiny", seed=0)
 
