@@ -17,7 +17,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from services.engine.model_store import resolve_model
+from services.models.model_store import resolve_model
 from tests.integration.up_cluster import swaserve_up
 from tests.router.tool_models import with_template
 
