@@ -25,8 +25,10 @@ def test_a_burst_of_siblings_lands_on_one_worker_under_the_default(window: int, 
     r = simulate(arrivals, variant_config("", window), workers=8, window=window)
     top = Counter(r.placed.values()).most_common(1)[0][1]
     assert top >= 15, r.placed
+    # without pending entries the idle fleet's loads stay equal (the registry's 50 ms gap) and the
+    # siblings tie everywhere: the first-page tie-break (routing.anchor_key) alone keeps them together
     without = simulate(arrivals, variant_config("--no-pending", window), workers=8, window=window)
-    assert Counter(without.placed.values()).most_common(1)[0][1] < top  # pending entries are what steers
+    assert Counter(without.placed.values()).most_common(1)[0][1] >= 15, without.placed
 
 
 def test_the_simulation_is_deterministic_and_counts_every_request() -> None:
