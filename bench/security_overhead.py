@@ -13,7 +13,7 @@ request by request (so that other load on the machine falls on all three alike).
 latency and router CPU a request (the router process's CPU time from /proc over the requests),
 each as a ratio to `off` from the same run.
 
-    python bench/security_overhead.py [--requests 2000]
+    python bench/security_overhead.py [--requests 2000] [--quick]
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def start_router(model: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--quick", action="store_true", help="300 requests a router (well under a minute)")
     args = p.parse_args()
+    if args.quick:
+        args.requests = min(args.requests, 300)
     model = resolve_model("smollm2")
     with RedisServer() as redis, tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "keys.json"
