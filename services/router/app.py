@@ -47,6 +47,7 @@ from services.router.errors import (
 from services.router.job import CompletionJob
 from services.router.metrics import RouterMetrics
 from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from services.router.page_hashes import RecentPrompts, use_recent
 from services.router.prompts import chat_job, completion_job
 from services.router.responses import ChatFormat, CompletionFormat, Envelope
 from services.router.routing import IndexSource, RoutingPipeline
@@ -110,9 +111,11 @@ def create_app(
         # the index made (tens of ms less each on the router's heap).
         gc.collect()
         gc.freeze()
+        use_recent(RecentPrompts())  # a session's next turn hashes only its new pages (page_hashes.py)
         try:
             yield
         finally:
+            use_recent(None)
             gc.unfreeze()
         await dispatcher.drain()
         await clients.close()

@@ -9,7 +9,7 @@ import pytest
 
 from services.common.block_hash import hash_blocks
 from services.common.prefix_index import PrefixIndex
-from services.router.page_hashes import FIRST_CHUNK, PageHashes
+from services.router.page_hashes import FIRST_CHUNK, PageHashes, RecentPrompts, use_recent
 
 PAGE = 4
 
@@ -80,3 +80,51 @@ def test_packed_is_the_hashes_as_big_endian_bytes() -> None:
     assert list(lazy) == want and lazy.packed(0) == b""
     with pytest.raises(IndexError):
         lazy.packed(201)
+
+
+def test_a_recent_prompt_lends_the_pages_it_shares_and_nothing_else() -> None:
+    """With RecentPrompts installed, each prompt's hashes still equal hash_blocks on random
+    sessions (turns that extend, branch mid-page or mid-prompt, other page sizes, unrelated
+    prompts), and a turn that extends an earlier one hashes only its new pages."""
+    rng = random.Random(4)
+    recent = RecentPrompts(size=32)
+    use_recent(recent)
+    try:
+        sessions = [
+            array.array("I", [rng.randrange(2**32) for _ in range(rng.randrange(1, 400))]) for _ in range(4)
+        ]
+        for sess in sessions:
+            PageHashes(sess, PAGE, len(sess) // PAGE).all()
+        for _ in range(120):
+            s = rng.randrange(len(sessions))
+            old = sessions[s]
+            r = rng.random()
+            if r < 0.5:  # the next turn: everything before, and more
+                new = old + array.array("I", [rng.randrange(2**32) for _ in range(rng.randrange(0, 90))])
+            elif r < 0.8:  # a branch: a prefix (any length, off the page grid too), then other ids
+                cut = rng.randrange(len(old) + 1)
+                new = old[:cut] + array.array(
+                    "I", [rng.randrange(2**32) for _ in range(rng.randrange(1, 90))]
+                )
+            else:
+                new = array.array("I", [rng.randrange(2**32) for _ in range(rng.randrange(1, 300))])
+            sessions[s] = new
+            page = rng.choice([PAGE, PAGE, 4])
+            count = len(new) // page
+            want = hash_blocks(new, page)
+            lazy = PageHashes(new, page, count)
+            before = recent.reused_pages
+            if rng.random() < 0.5:
+                assert lazy.all() == tuple(want) and lazy.packed() == b"".join(
+                    h.to_bytes(16, "big") for h in want
+                )
+            else:
+                assert list(lazy) == want
+            reused = recent.reused_pages - before
+            assert lazy.computed == count - reused
+            if r < 0.5 and page == PAGE and len(old) // PAGE and lazy.computed:
+                assert lazy.computed <= count - len(old) // PAGE + FIRST_CHUNK  # only the new pages, about
+        assert recent.reused_pages > 0
+    finally:
+        use_recent(None)
+    assert PageHashes(sessions[0], PAGE, 1).all() == tuple(hash_blocks(sessions[0][:PAGE], PAGE))
