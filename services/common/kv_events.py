@@ -1,8 +1,8 @@
 """KV cache events: what a worker's cache stored, removed or cleared, as typed messages.
 
 Cache state travels as events, never as snapshots. A worker's radix cache emits them through a
-sink (any `Callable[[KVEvent], None]`; `EventBuffer` collects them) and the worker publishes their
-`to_dict()` form (JSON-safe) for the router, which rebuilds them with `KVEvent.from_dict`.
+sink (any `Callable[[KVEvent], None]`; `EventBuffer` collects them) and the worker publishes them
+to the router as index ops (services/common/kv_event_wire.py).
 
 Hashes are `services.common.block_hash` block hashes of the page's whole prefix, so a consumer
 needs no tree to place a block. `kind` says which KV the event is about: "full" (full-attention
@@ -13,11 +13,10 @@ page at the same position stays, which is a "swa" BlockRemoved alone).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
-from services.common.block_hash import BlockHash, hash_from_hex, hash_to_hex
+from services.common.block_hash import BlockHash
 
 KVKind = Literal["full", "swa"]
 _KINDS: tuple[KVKind, ...] = ("full", "swa")
@@ -31,31 +30,9 @@ def _kind(value: Any) -> KVKind:
 
 @dataclass(frozen=True)
 class KVEvent:
-    """Base of the three events; `KVEvent.from_dict` rebuilds any of them."""
+    """Base of the three events."""
 
     type_name: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> KVEvent:
-        kind = d.get("type")
-        if kind == BlockStored.type_name:
-            return BlockStored(
-                kind=_kind(d["kind"]),
-                block_hashes=tuple(hash_from_hex(h) for h in d["block_hashes"]),
-                parent_hash=hash_from_hex(d["parent_hash"]),
-                token_ids=tuple(int(t) for t in d["token_ids"]),
-                page_size=int(d["page_size"]),
-            )
-        if kind == BlockRemoved.type_name:
-            return BlockRemoved(
-                kind=_kind(d["kind"]), block_hashes=tuple(hash_from_hex(h) for h in d["block_hashes"])
-            )
-        if kind == AllCleared.type_name:
-            return AllCleared()
-        raise ValueError(f"unknown KV event type {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -84,16 +61,6 @@ class BlockStored(KVEvent):
         """The tokens of block i."""
         return self.token_ids[i * self.page_size : (i + 1) * self.page_size]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type_name,
-            "kind": self.kind,
-            "block_hashes": [hash_to_hex(h) for h in self.block_hashes],
-            "parent_hash": hash_to_hex(self.parent_hash),
-            "token_ids": list(self.token_ids),
-            "page_size": self.page_size,
-        }
-
 
 @dataclass(frozen=True)
 class BlockRemoved(KVEvent):
@@ -106,22 +73,12 @@ class BlockRemoved(KVEvent):
     def __post_init__(self) -> None:
         _kind(self.kind)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type_name,
-            "kind": self.kind,
-            "block_hashes": [hash_to_hex(h) for h in self.block_hashes],
-        }
-
 
 @dataclass(frozen=True)
 class AllCleared(KVEvent):
     """Everything this worker cached is gone."""
 
     type_name: ClassVar[str] = "cleared"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type_name}
 
 
 class EventBuffer:

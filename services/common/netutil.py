@@ -1,9 +1,8 @@
-"""Small network helpers shared by launchers and tests: free ports, waiting for a listener."""
+"""Small network helpers shared by launchers and tests: free ports, whether a port listens."""
 
 from __future__ import annotations
 
 import socket
-import time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -19,13 +18,3 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_port(host: str, port: int, timeout: float) -> bool:
-    """True once something accepts connections on host:port, False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if port_open(host, port):
-            return True
-        time.sleep(0.05)
-    return False

@@ -83,10 +83,6 @@ class Req:
         return self.prompt_ids + self.output_ids
 
     @property
-    def remaining_prefill(self) -> int:
-        return self.seq_len - self.computed_len
-
-    @property
     def in_prefill(self) -> bool:
         return self.computed_len < self.seq_len - 1 or not self.output_ids
 

@@ -5,14 +5,13 @@ The router never builds a model (that imports torch): a known model name resolve
 under the swaserve home, which the workers build; the router waits for it to appear.
 
 Routing policy flags: policy/config.py (`add_policy_args`). With --redis-url the router follows the
-workers' KV events into a prefix index (`--prefix-index auto`: when services.common.kv_event_bus is
-installed; `on`: required; `off`: load-only routing).
+workers' KV events into a prefix index (`--prefix-index auto`: load-only routing when the follower
+cannot start; `on`: a follower that cannot start stops the router; `off`: load-only routing).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from services.common.kv_index_follower import KVIndexFollower
 from services.common.registry import WorkerRecord
 from services.models.home import models_dir
 from services.models.model_store import find_known
@@ -125,16 +125,9 @@ def index_follower(args: argparse.Namespace, policy: PolicyConfig, tier: str = "
     L2 (host tier) index has a one-page window: its "swa" entries are tail ends."""
     if args.prefix_index == "off" or not args.redis_url:
         return None
-    try:  # lazily: the module may not be in this build
-        follower_cls: Any = importlib.import_module("services.common.kv_event_bus").KVIndexFollower
-    except (ImportError, AttributeError):
-        if args.prefix_index == "on":
-            raise SystemExit("--prefix-index on: services.common.kv_event_bus is not available") from None
-        log.warning("no prefix index in this build (services.common.kv_event_bus); load-only routing")
-        return None
     try:
         window = policy.window if tier == "l1" else policy.page_size
-        follower: Any = follower_cls(
+        follower = KVIndexFollower(
             args.redis_url, policy.page_size, window, tier=tier, pending_max_ttl_s=policy.pending_ttl_max_s
         )
         follower.start()

@@ -125,9 +125,6 @@ class HostTier:
     def has_full(self, key: BlockHash) -> bool:
         return self._full.get(key) is not None
 
-    def has_tail(self, key: BlockHash) -> bool:
-        return self._tails.get(key) is not None
-
     def lookup(self, hashes: Sequence[BlockHash], start: int) -> HostHit | None:
         """The longest restorable run of pages from `start` (hashes[i] = page i's block hash), or None.
         Does not change the LRU order: `use()` does, once the hit is taken."""

@@ -45,10 +45,5 @@ class KVStore:
             self.k.append(torch.zeros(slots, spec.kv_heads, spec.k_dim, dtype=dtype, device=device))
             self.v.append(torch.zeros(slots, spec.kv_heads, spec.v_dim, dtype=dtype, device=device))
 
-    def page_bytes(self, kind: str) -> int:
-        """Bytes one page of `kind` occupies across all layers of that kind."""
-        per_token = sum(s.bytes_per_token(self.dtype) for s in self.specs if s.kind == kind)
-        return per_token * self.page_size
-
     def total_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
