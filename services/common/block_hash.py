@@ -26,10 +26,10 @@ with different images never share a hash. Hashes never use Python's `hash()`: th
 across processes, machines and Python versions.
 
 Speed: `hash_blocks` is the hot path (the router hashes every usable page of a routed prompt, 5,300
-pages for an 85k-token prompt). It packs all pages at once with numpy, then chains BLAKE2b over them
-in one call of a small C library (block_hash_native.c, built by scripts/setup.sh, loaded with
-ctypes), or, where that is not built or SWASERVE_PURE_HASH is set, one hashlib call per page;
-digests chain as bytes. 5,312 pages: ~1.9 ms (C) / ~2.8 ms (hashlib) against 4.4 ms page by page
+pages for an 85k-token prompt). One call of a small C library (block_hash_native.c, built by
+scripts/setup.sh, loaded with ctypes) builds each page's message from the ids and chains BLAKE2b
+over them; where that is not built or SWASERVE_PURE_HASH is set, numpy packs the messages and
+hashlib hashes one page a call; digests chain as bytes. 5,312 pages: ~1.9 ms (C) / ~2.8 ms (hashlib) against 4.4 ms page by page
 before (2 shared cores; a third of it is making the 128-bit ints). tests/common/test_block_hash.py
 checks both chains against the encoding written out again, on long random prompts.
 """
