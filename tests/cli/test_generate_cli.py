@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.engine.models.causal_lm import greedy_generate
 from services.engine.models.loader import load_model
 from services.models.model_store import resolve_model
+from tests.engine.reference_model import greedy_generate
 from tests.engine.tiny_models import reference_logits
 
 

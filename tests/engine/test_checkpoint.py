@@ -13,13 +13,14 @@ from services.engine.models.causal_lm import CausalLM
 from services.engine.models.loader import load_model
 from services.models.config import ModelConfig
 from tests.engine.model_fixtures import tiny_pro_config, write_checkpoint
+from tests.engine.reference_model import init_random_
 
 CONFIG = tiny_pro_config(attention_projection_layout="split")
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    model = CausalLM(ModelConfig.from_dict(CONFIG)).init_random_(seed=0)
+    model = init_random_(CausalLM(ModelConfig.from_dict(CONFIG)), seed=0)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -86,7 +87,7 @@ def test_mtp_tensors_are_skipped_and_logged(
 
 def test_tied_checkpoint_may_carry_a_duplicate_lm_head(tmp_path: Path) -> None:
     config = tiny_pro_config(attention_projection_layout="split", tie_word_embeddings=True)
-    state = CausalLM(ModelConfig.from_dict(config)).init_random_(seed=1).state_dict()
+    state = init_random_(CausalLM(ModelConfig.from_dict(config)), seed=1).state_dict()
     assert "lm_head.weight" not in state
     model = assert_loads_as(
         write_checkpoint(tmp_path, config, state | {"lm_head.weight": torch.zeros(257, 64)}), state

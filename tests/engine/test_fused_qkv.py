@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from services.engine.models.causal_lm import greedy_generate
 from services.engine.models.loader import load_model
 from services.models.checkpoint import split_fused_qkv
 from services.models.config import AttentionSpec, load_config
@@ -21,6 +20,7 @@ from tests.engine.model_fixtures import (
     tiny_pro_config,
     write_checkpoint,
 )
+from tests.engine.reference_model import greedy_generate
 
 Weights = dict[str, torch.Tensor]
 

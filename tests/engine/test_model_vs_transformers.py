@@ -21,10 +21,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from services.engine.models.causal_lm import CausalLM, greedy_generate
+from services.engine.models.causal_lm import CausalLM
 from services.engine.models.loader import load_model
 from services.engine.models.moe import MoE
 from tests.engine.model_fixtures import SEED, prompt_logits, random_prompt, randomize_, relative_error
+from tests.engine.reference_model import greedy_generate
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 32
