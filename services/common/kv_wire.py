@@ -8,10 +8,10 @@ each tensor as its raw row-major bytes (native endianness), so no element is eve
 
 Copies. The sender reads the payload tensors in place (`tensor_bytes`: a memoryview over the
 tensor's storage, any dtype via a uint8 view) and the receiver writes into the final tensors in
-place (`PayloadAssembler`). Data chunks are framed by hand, byte-identical to protobuf's encoding
-of `KVChunk{data}` (tag 0x12, varint length, bytes), so a chunk costs one join on the way out and
-one copy into the tensor on the way in, where the generated classes would copy the bytes 2-3 more
-times. Headers go through the generated classes. Anything either way parses with `KVChunk`.
+place (`PayloadAssembler`). Data chunks are framed by hand (services/common/proto_field.py),
+byte-identical to protobuf's encoding of `KVChunk{data}` (tag 0x12, varint length, bytes), so a
+chunk costs one join on the way out and one copy into the tensor on the way in, where the generated
+classes would copy the bytes 2-3 more times. Headers go through the generated classes. Anything either way parses with `KVChunk`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from services.common.kv_payload import DTYPES, KVMeta, KVPayload, LayerMeta
+from services.common.proto_field import FieldError, encode_field, field_view
 from services.proto_gen import kv_pb2
 
 CHUNK_BYTES = 1 << 20  # data bytes per grpc chunk (FACTS.md: 1 MiB streams 4-8x faster than one message)
@@ -110,41 +111,23 @@ def iter_pieces(views: list[memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iter
 # ---- chunks ------------------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def encode_header_chunk(header: kv_pb2.KVHeader) -> bytes:
     return kv_pb2.KVChunk(header=header).SerializeToString()
 
 
 def encode_data_chunk(pieces: list[memoryview]) -> bytes:
     """Serialized `KVChunk{data = concatenation of pieces}`, in one copy."""
-    size = sum(len(p) for p in pieces)
-    return b"".join([bytes([_DATA_TAG]), _varint(size), *pieces])
+    return encode_field(_DATA_TAG, pieces)
 
 
 def decode_chunk(raw: bytes) -> kv_pb2.KVHeader | memoryview:
     """A serialized KVChunk -> its header, or a view of its data (no copy on the fast path)."""
-    if raw[:1] == bytes([_DATA_TAG]):
-        size, shift, pos = 0, 0, 1
-        while pos < len(raw) and pos <= 10:
-            b = raw[pos]
-            size |= (b & 0x7F) << shift
-            shift += 7
-            pos += 1
-            if not b & 0x80:
-                if pos + size == len(raw):
-                    return memoryview(raw)[pos:]
-                break
+    try:
+        data = field_view(_DATA_TAG, raw)
+    except FieldError:
+        data = None  # the generated parser below names what is wrong
+    if data is not None:
+        return data
     try:
         chunk = kv_pb2.KVChunk.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError type differs between implementations
@@ -231,18 +214,6 @@ class PayloadAssembler:
                 raise KVWireError(f"KV of {self.meta.rid!r}: a tensor of {shape} was never filled")
             tensors.append(torch.empty(shape, dtype=self.dtype) if t is None else t)
         return KVPayload(self.meta, tensors[0::2], tensors[1::2])
-
-
-def payload_from_chunks(chunks: Iterable[bytes]) -> tuple[kv_pb2.KVHeader, KVPayload]:
-    """Parse a whole grpc stream (header chunk then data chunks): the inverse of chunk_stream."""
-    it = iter(chunks)
-    first = next(it, None)
-    if first is None:
-        raise KVWireError("empty KV stream")
-    header = decode_chunk(first)
-    if not isinstance(header, kv_pb2.KVHeader):
-        raise KVWireError("KV stream does not start with a header")
-    return header, assemble(meta_from_header(header), it)
 
 
 def assemble(meta: KVMeta, data_chunks: Iterable[bytes]) -> KVPayload:

@@ -9,8 +9,8 @@ frames of at most CHUNK_BYTES, in item order, a value's frames never shared with
 So a batch costs about one message per MiB of data plus one per ~8k items, not a message per
 value (each message costs a round trip in a synchronous gRPC stream).
 
-Data frames are built and parsed by hand, byte-identical to the generated classes' encoding (tag,
-varint length, bytes): one copy on the way out (the join) and none on the way in (a view of the
+Data frames are built and parsed by hand (services/common/proto_field.py), byte-identical to the
+generated classes' encoding (tag, varint length, bytes): one copy on the way out (the join) and none on the way in (a view of the
 received frame), where the generated classes copy 2-3 times. Items and everything else go through
 the generated classes; tests check both directions against them.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from services.common.proto_field import FieldError, encode_field, field_view
 from services.proto_gen import gcache_pb2
 
 CHUNK_BYTES = 1 << 20  # data bytes per frame: 1 MiB streams faster than 4 (HTTP/2 flow control)
@@ -41,21 +42,9 @@ class WireError(ValueError):
     """A stream that does not follow the frame grammar above."""
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def data_frame(tag: int, piece: Buffer) -> bytes:
     """One serialized data frame holding `piece` (one copy)."""
-    return b"".join((bytes((tag,)), _varint(len(piece)), piece))
+    return encode_field(tag, (piece,))
 
 
 def data_frames(tag: int, value: Buffer, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -67,19 +56,10 @@ def data_frames(tag: int, value: Buffer, chunk_bytes: int = CHUNK_BYTES) -> Iter
 
 def data_view(tag: int, raw: bytes) -> memoryview | None:
     """The payload of a data frame with this tag, as a view of `raw`; None if `raw` is another frame."""
-    if not raw or raw[0] != tag:
-        return None
-    size, shift, pos = 0, 0, 1
-    while pos < len(raw) and pos <= 10:
-        b = raw[pos]
-        size |= (b & 0x7F) << shift
-        shift += 7
-        pos += 1
-        if not b & 0x80:
-            if pos + size != len(raw):
-                raise WireError(f"data frame says {size} bytes, holds {len(raw) - pos}")
-            return memoryview(raw)[pos:]
-    raise WireError("data frame with a bad length")
+    try:
+        return field_view(tag, raw)
+    except FieldError as e:
+        raise WireError(str(e)) from None
 
 
 def put_batch_frame(migration: bool = False, arena: str = "", sender: str = "") -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 
 import pytest
 import torch
@@ -20,7 +21,6 @@ from services.common.kv_wire import (
     header_from_meta,
     iter_pieces,
     meta_from_header,
-    payload_from_chunks,
     payload_views,
     tensor_bytes,
 )
@@ -46,6 +46,18 @@ def random_payload(meta: KVMeta, seed: int = 0) -> KVPayload:
 
     n = len(meta.layers)
     return KVPayload(meta, [rand(meta.k_shape(i)) for i in range(n)], [rand(meta.v_shape(i)) for i in range(n)])
+
+
+def payload_from_chunks(chunks: Iterable[bytes]) -> tuple[kv_pb2.KVHeader, KVPayload]:
+    """Parse a whole grpc stream (header chunk then data chunks): the inverse of chunk_stream."""
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        raise KVWireError("empty KV stream")
+    header = decode_chunk(first)
+    if not isinstance(header, kv_pb2.KVHeader):
+        raise KVWireError("KV stream does not start with a header")
+    return header, assemble(meta_from_header(header), it)
 
 
 def payload_digest(p: KVPayload) -> str:
