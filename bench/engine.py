@@ -33,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.common.sampling_params import SamplingParams  # noqa: E402
 from services.engine.engine import DTYPES, Engine, EngineConfig, kv_specs  # noqa: E402
 from services.engine.kv.page_pool import PagePool  # noqa: E402
 from services.engine.kv.req_pages import ReqPages  # noqa: E402
-from services.engine.sampling import SamplingParams  # noqa: E402
 from services.engine.tensors.kv_store import LayerKVSpec  # noqa: E402
 from services.models.config import ModelConfig  # noqa: E402
 

@@ -43,7 +43,7 @@ from bench.replay.ideal import ideal_hit_tokens  # noqa: E402
 from bench.replay.plan import Scaling, TraceSlice, plan  # noqa: E402
 from bench.replay.prompts import Continuations, PromptBuilder  # noqa: E402
 from bench.replay.traces import load_trace  # noqa: E402
-from bench.sim.engine import NO_PARAMS  # noqa: E402
+from bench.sim.engine import SIM_PARAMS  # noqa: E402
 from services.common.block_hash import BlockHash  # noqa: E402
 from services.engine.kv.host_tier import HostHit, HostTier  # noqa: E402
 from services.engine.kv.page_pool import PagePool  # noqa: E402
@@ -126,7 +126,7 @@ def serve(
     cached = l2 = from_l3 = 0
     for i, ids in enumerate(requests):
         sched = workers[i % len(workers)]
-        req = Req(rid=f"r{i}", prompt_ids=ids, params=NO_PARAMS)
+        req = Req(rid=f"r{i}", prompt_ids=ids, params=SIM_PARAMS)
         if l3 is not None:
             _l3_lookup(sched, l3, req)
         sched.add(req)

@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.common.redis_server import RedisServer  # noqa: E402
+from services.common.sampling_params import SamplingParams  # noqa: E402
 from services.engine.engine import Engine, EngineConfig  # noqa: E402
-from services.engine.sampling import SamplingParams  # noqa: E402
 from services.gcache.client import GCacheClient  # noqa: E402
 from services.models.model_init import init_model  # noqa: E402
 

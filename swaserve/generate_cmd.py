@@ -21,9 +21,9 @@ def parse_ids(text: str) -> list[int]:
 
 def run_generate(args: argparse.Namespace) -> int:
     from services.common.chat_template import load_chat_template
+    from services.common.sampling_params import SamplingParams
     from services.engine.engine import Engine, EngineConfig
     from services.engine.request import Req
-    from services.engine.sampling import SamplingParams
     from services.models.model_store import resolve_model
 
     model_dir = resolve_model(args.model)

@@ -34,7 +34,7 @@ from bench.replay.plan import Scaling, TraceSlice, plan
 from bench.replay.prompts import Continuations, PromptBuilder
 from bench.replay.traces import load_trace
 from bench.sim.cost_model import CostModel
-from bench.sim.engine import NO_PARAMS
+from bench.sim.engine import SIM_PARAMS
 from services.common.kv_event_wire import ops_from_events
 from services.common.kv_events import EventBuffer
 from services.common.prefix_index import PrefixIndex
@@ -199,7 +199,7 @@ def simulate(
             placed[i] = k
             w = fleet[k]
             rows[rid] = (t, d.safe_match_tokens, len(ids), d.reason)
-            w.sched.add(Req(rid=rid, prompt_ids=list(ids), params=NO_PARAMS, arrival=t))
+            w.sched.add(Req(rid=rid, prompt_ids=list(ids), params=SIM_PARAMS, arrival=t))
             if w.busy_until is None:
                 start_step(w, k)
         elif kind == "step":

@@ -24,7 +24,7 @@ from bench.replay.plan import PlannedRequest, Scaling, TraceSlice, plan
 from bench.replay.prompts import block_take
 from bench.replay.traces import load_trace
 from bench.sim.cost_model import CostModel
-from bench.sim.engine import NO_PARAMS
+from bench.sim.engine import SIM_PARAMS
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.queue_policy import make_queue_policy
@@ -79,7 +79,7 @@ def simulate(
             req = Req(
                 rid=str(i),
                 prompt_ids=list(arrivals[i].prompt_ids),
-                params=NO_PARAMS,
+                params=SIM_PARAMS,
                 arrival=arrivals[i].at_s,
             )
             reqs[req.rid] = (i, req)

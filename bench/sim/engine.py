@@ -21,25 +21,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
 
 from bench.sim.clock import SimClock
 from bench.sim.cost_model import CostModel
 from bench.sim.tokens import output_tokens
 from services.common.kv_events import EventBuffer
+from services.common.sampling_params import SamplingParams
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import FinishReason, Req
 from services.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 
-if TYPE_CHECKING:
-    from services.engine.sampling import SamplingParams
-
 log = logging.getLogger(__name__)
 
-# The Scheduler and the radix cache never read a request's sampling params; the sim samples nothing.
-NO_PARAMS = cast("SamplingParams", None)
+# A simulated request's sampling: nothing reads it (the Scheduler and radix cache never do; the sim samples nothing).
+SIM_PARAMS = SamplingParams(temperature=0.0)
 IDLE_TICK_S = 0.5  # on_change runs this often when idle (KV event publishing, like the real loop)
 MAX_CATCH_UP_S = 0.05  # wall-clock lateness of the loop that the next step's start absorbs
 
@@ -158,7 +155,7 @@ class SimEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; the KV pool holds {self.capacity_tokens}")
         if rid in self._tracked:
             raise ValueError(f"request {rid!r} is already running here")
-        req = Req(rid=rid, prompt_ids=ids, params=NO_PARAMS, arrival=self.clock.now())
+        req = Req(rid=rid, prompt_ids=ids, params=SIM_PARAMS, arrival=self.clock.now())
         fut: asyncio.Future[PrefillOutcome] = asyncio.get_running_loop().create_future()
         self._tracked[rid] = _Tracked(req, fut, time.monotonic())
         self.scheduler.add(req)

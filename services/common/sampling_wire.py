@@ -1,4 +1,4 @@
-"""SamplingParams on the wire (proto/worker.proto) <-> the plain dict the engine validates.
+"""SamplingParams on the wire (proto/worker.proto) <-> `SamplingParams` (services/common/sampling_params.py).
 
 proto3 has no "unset" for scalars: `top_p == 0` means the default 1.0; `temperature == 0` is greedy
 (as in the OpenAI API); `max_tokens == 0` stays 0 and is refused by the engine's validation (the
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from services.common.sampling_params import SamplingParams
+from services.common.worker_errors import ErrorKind, WorkerError
 from services.proto_gen import worker_pb2
 
 
@@ -34,8 +36,17 @@ def sampling_to_dict(msg: worker_pb2.SamplingParams) -> dict[str, Any]:
     return d
 
 
-def sampling_to_proto(d: Mapping[str, Any]) -> worker_pb2.SamplingParams:
-    """From a dict with SamplingParams' field names (or a SamplingParams' __dict__); absent keys: defaults."""
+def parse_sampling(msg: worker_pb2.SamplingParams, rid: str) -> SamplingParams:
+    """A request's validated SamplingParams; invalid ones are the worker's INVALID error, naming the rid."""
+    try:
+        return SamplingParams.from_dict(sampling_to_dict(msg))
+    except ValueError as e:
+        raise WorkerError(ErrorKind.INVALID, f"{rid}: {e}") from None
+
+
+def sampling_to_proto(params: SamplingParams | Mapping[str, Any]) -> worker_pb2.SamplingParams:
+    """From SamplingParams (or a dict with its field names; absent keys: defaults)."""
+    d = params.__dict__ if isinstance(params, SamplingParams) else params
     msg = worker_pb2.SamplingParams(
         max_tokens=int(d.get("max_tokens", 16)),
         temperature=float(d.get("temperature", 1.0)),

@@ -7,18 +7,10 @@ from collections.abc import Iterator
 import grpc
 
 from services.common.prompt_wire import parse_prompt
-from services.common.sampling_wire import sampling_to_dict
+from services.common.sampling_wire import parse_sampling
 from services.common.worker_errors import ErrorKind, WorkerError, abort_with
 from services.decode.worker import DecodeJob, DecodeWorker
-from services.engine.sampling import SamplingParams
 from services.proto_gen import worker_pb2, worker_pb2_grpc
-
-
-def parse_sampling(msg: worker_pb2.SamplingParams, rid: str) -> SamplingParams:
-    try:
-        return SamplingParams.from_dict(sampling_to_dict(msg))
-    except ValueError as e:
-        raise WorkerError(ErrorKind.INVALID, f"{rid}: {e}") from None
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):

@@ -35,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.kv_payload import KVPayload
+from services.common.sampling_params import SamplingParams
 from services.common.worker_errors import ErrorKind, WorkerError
 from services.decode.metrics import DecodeMetrics
 from services.engine.kv.page_pool import OutOfPages
 from services.engine.request import Req
-from services.engine.sampling import Sampled, SamplingParams
+from services.engine.sampling import Sampled
 from services.engine.stop_check import check_finish
 from services.engine.tensors.kv_transfer import payload_meta
 from services.worker.engine_loop import EngineLoop, EngineStopped, RequestHandle

@@ -29,6 +29,7 @@ import torch
 from services.common.block_hash import BlockHash
 from services.common.kv_events import EventBuffer
 from services.common.kv_payload import KVPayload
+from services.common.sampling_params import SamplingParams
 from services.engine.kv.host_tier import HostTier, SpillJob
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
@@ -38,7 +39,7 @@ from services.engine.models.causal_lm import CausalLM
 from services.engine.models.model_runner import ModelRunner
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req, ReqStatus
-from services.engine.sampling import Sampled, Sampler, SamplingParams
+from services.engine.sampling import Sampled, Sampler
 from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
 from services.engine.tensors.host_store import HostKVStore

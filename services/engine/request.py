@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the bookkeeping (scheduler, bench's simulated workers) imports no torch
-    from services.engine.sampling import SamplingParams
+    from services.common.sampling_params import SamplingParams
 
 
 class ReqStatus(enum.Enum):

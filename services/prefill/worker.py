@@ -29,10 +29,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from services.common.kv_payload import KVPayload
+from services.common.sampling_params import SamplingParams
 from services.common.worker_errors import ErrorKind, WorkerError
 from services.engine.engine import Engine
 from services.engine.request import FinishReason, Req
-from services.engine.sampling import SamplingParams
 from services.prefill.metrics import PrefillMetrics
 from services.prefill.result import PrefillResult
 from services.worker.engine_loop import EngineLoop, EngineStopped

@@ -36,6 +36,8 @@ from typing import Any
 import grpc
 
 from services.common.prompt_wire import pack_ids
+from services.common.sampling_params import SamplingParams
+from services.common.sampling_wire import sampling_to_proto
 from services.proto_gen import worker_pb2
 from services.router.errors import (
     InvalidRequest,
@@ -45,7 +47,7 @@ from services.router.errors import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from services.router.job import FINISH_REASONS, Sampling, TokenChunk
+from services.router.job import FINISH_REASONS, TokenChunk
 from services.router.metrics import RouterMetrics
 from services.router.policy import Candidate
 from services.router.routing import (
@@ -130,7 +132,7 @@ class Dispatcher:
         self.metrics = metrics
         self._background: set[asyncio.Future[Any]] = set()
 
-    async def open(self, rid: str, prompt_ids: Sequence[int], sampling: Sampling) -> Generation:
+    async def open(self, rid: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
         """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
         error: RouterError = NoWorkerAvailable("no worker available")
         packed = pack_ids(prompt_ids)  # the wire form, once (one copy of an array("I"))
@@ -151,7 +153,7 @@ class Dispatcher:
     def route(
         self,
         prompt: Prompt,
-        sampling: Sampling,
+        sampling: SamplingParams,
         failed: Collection[str] = (),
         decode_ranking: Sequence[Candidate] | None = None,
         spent_s: float = 0.0,
@@ -175,7 +177,7 @@ class Dispatcher:
         return decision
 
     async def _open_once(
-        self, rid: str, prompt: _PromptWire, sampling: Sampling, failed: Collection[str]
+        self, rid: str, prompt: _PromptWire, sampling: SamplingParams, failed: Collection[str]
     ) -> Generation:
         t0 = time.perf_counter()
         self._candidates("prefill")  # discovery trouble is reported as before, prefill first
@@ -209,7 +211,7 @@ class Dispatcher:
         request = worker_pb2.PrefillRequest(
             rid=rid,
             prompt_ids_packed=prompt.packed,
-            sampling=sampling.to_proto(),
+            sampling=sampling_to_proto(sampling),
             decode_addr=decode.addr,
             kv_transport=self.settings.kv_transport,
             uncached_tokens=decision.uncached_tokens,
@@ -377,7 +379,7 @@ class Generation:
         rid: str,
         decode_addr: str,
         packed_prompt: bytes,
-        sampling: Sampling,
+        sampling: SamplingParams,
         first: TokenChunk,
         cached_tokens: int,
         cached_tokens_l2: int = 0,
@@ -404,7 +406,7 @@ class Generation:
                 return  # never decoded: the finally releases the reservation with Abort
             request = worker_pb2.DecodeRequest(
                 rid=self.rid,
-                sampling=self._sampling.to_proto(),
+                sampling=sampling_to_proto(self._sampling),
                 prompt_ids_packed=self._packed_prompt,
                 first_token=self.first.token_ids[0],
             )

@@ -1,13 +1,12 @@
-"""The small types that cross the router's layers: a job, its sampling, token chunks, results."""
+"""The small types that cross the router's layers: a job (sampled with common SamplingParams), token chunks, results."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from services.common.sampling_wire import sampling_to_proto
-from services.proto_gen import worker_pb2
+from services.common.sampling_params import SamplingParams
 from services.router.textstream import TokenLogprob
 from services.router.toolcalls.pieces import Piece
 
@@ -18,28 +17,12 @@ FINISH_REASONS = ("stop", "length")  # what a worker may end with; "abort" is an
 
 
 @dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: disabled
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: bool = False
-
-    def to_proto(self) -> worker_pb2.SamplingParams:
-        return sampling_to_proto(self.__dict__)  # the one wire mapping, shared with the workers
-
-
-@dataclass(frozen=True)
 class CompletionJob:
     """One API request: every prompt sampled n times. Choice index = prompt index * n + j.
     The prompts are not modified once in a job (the router holds them as array("I"))."""
 
     prompts: tuple[Sequence[int], ...]
-    sampling: Sampling
+    sampling: SamplingParams
     n: int = 1
     output: OutputParsing | None = None  # chat: reasoning / tool calls read from the text; None: plain text
 
@@ -53,12 +36,12 @@ class CompletionJob:
     def num_choices(self) -> int:
         return len(self.prompts) * self.n
 
-    def choice_sampling(self, j: int) -> Sampling:
+    def choice_sampling(self, j: int) -> SamplingParams:
         """Sampling of the j-th sample of a prompt: with a seed, sample j uses seed + j."""
         if self.sampling.seed is None or j == 0:
             return self.sampling
         seed = (self.sampling.seed + j) % 2**63
-        return Sampling(**{**self.sampling.__dict__, "seed": seed})
+        return replace(self.sampling, seed=seed)
 
 
 @dataclass(frozen=True)

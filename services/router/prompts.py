@@ -11,9 +11,10 @@ import array
 import numpy as np
 
 from services.common.prompt_wire import token_array
+from services.common.sampling_params import SamplingParams
 from services.router.chat_prompt import chat_prompt
 from services.router.errors import ContextLengthExceeded, InvalidRequest
-from services.router.job import CompletionJob, Sampling
+from services.router.job import CompletionJob
 from services.router.openai_schema import ChatCompletionRequest, CompletionRequest, TokenIds
 from services.router.settings import RouterSettings
 from services.router.tokenization import RouterTokenizer
@@ -95,15 +96,18 @@ def _max_tokens(
     return requested
 
 
-def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: bool) -> Sampling:
-    return Sampling(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(0, req.top_k or 0),
-        seed=req.seed,
-        stop=req.stop_list,
-        stop_token_ids=tuple(req.stop_token_ids or ()),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-    )
+def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: bool) -> SamplingParams:
+    try:  # the schema checked each field; this is the workers' own validation, once, at the door
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(0, req.top_k or 0),
+            seed=req.seed,
+            stop=req.stop_list,
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None

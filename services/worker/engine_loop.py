@@ -33,9 +33,10 @@ from typing import Any, TypeVar
 import torch
 
 from services.common.kv_payload import KVPayload
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine
 from services.engine.request import Req, ReqStatus
-from services.engine.sampling import Sampled, SamplingParams
+from services.engine.sampling import Sampled
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

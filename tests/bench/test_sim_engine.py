@@ -97,8 +97,8 @@ def sim_cached(cfg: SimEngineConfig, waves: Sequence[Sequence[Sequence[int]]]) -
 
 def real_cached(cfg: SimEngineConfig, waves: Sequence[Sequence[Sequence[int]]]) -> list[int]:
     """The same through the real Engine with a tiny MiMo model (tensors and all)."""
+    from services.common.sampling_params import SamplingParams
     from services.engine.engine import Engine, EngineConfig
-    from services.engine.sampling import SamplingParams
     from tests.engine.tiny_models import mimo_dict, random_model
 
     model = random_model(mimo_dict(window=WINDOW, vocab=VOCAB), seed=1)

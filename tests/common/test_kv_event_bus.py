@@ -446,10 +446,10 @@ def test_a_crashed_workers_blocks_expire(redis_server):
 
 
 def test_a_prefill_worker_publishes_its_radix_cache(redis_server):
-    from services.engine.sampling import SamplingParams
+    from services.common.sampling_params import SamplingParams
     from services.models.model_store import resolve_model
     from services.prefill.worker import PrefillJob
-    from services.worker.serve import attach_kv_events, cache_block_hashes
+    from services.worker.serve import attach_kv_events
     from tests.worker_harness import LoadedModel, serve_prefill
 
     lm = LoadedModel.load("mimo-tiny", resolve_model("mimo-tiny"))
@@ -467,7 +467,7 @@ def test_a_prefill_worker_publishes_its_radix_cache(redis_server):
     prompts += [prompts[1][:250] + [7] * 40]  # full KV to 240, SWA only at the system prompt's end (192)
 
     def cache_view(e, qs=prompts):
-        return cache_block_hashes(e), [(m.raw_len, m.safe_len) for m in map(e.cache.match, qs)]
+        return e.cache.block_hashes(), [(m.raw_len, m.safe_len) for m in map(e.cache.match, qs)]
 
     seen: list[tuple[int, int]] = []
     ever: set[BlockHash] = set()

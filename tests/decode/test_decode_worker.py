@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from services.engine.sampling import SamplingParams
+from services.common.sampling_params import SamplingParams
 from services.models.model_store import resolve_model
 from services.proto_gen import worker_pb2
 from tests.worker_harness import (

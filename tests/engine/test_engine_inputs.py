@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from tests.engine.reference_model import greedy_generate
 from tests.engine.tiny_models import mimo_dict, random_model
 

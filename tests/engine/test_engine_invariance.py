@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from tests.engine.tiny_models import llama_dict, mimo_dict, random_model, reference_greedy, reference_logits
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

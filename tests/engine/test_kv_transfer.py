@@ -7,10 +7,11 @@ import random
 import pytest
 
 from services.common.kv_payload import KVPayload
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
 from services.engine.kv.page_pool import OutOfPages
 from services.engine.request import Req
-from services.engine.sampling import Sampled, SamplingParams
+from services.engine.sampling import Sampled
 from tests.engine.tiny_models import llama_dict, mimo_dict, random_model, reference_greedy
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)

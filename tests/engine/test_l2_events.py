@@ -11,8 +11,8 @@ import pytest
 from services.common.block_hash import hash_blocks
 from services.common.kv_event_bus import KVIndexFollower
 from services.common.redis_server import RedisServer
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.worker.engine_loop import EngineLoop
 from services.worker.serve import L2_TIER, attach_l2_events
 from tests.engine.tiny_models import mimo_dict, random_model

@@ -13,8 +13,8 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.redis_server import RedisServer
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.engine.tensors.kv_bytes import page_nbytes, read_pages, write_pages
 from services.engine.tensors.kv_store import KVStore
 from services.gcache.client import GCacheClient

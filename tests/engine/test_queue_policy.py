@@ -1,8 +1,8 @@
 import pytest
 
+from services.common.sampling_params import SamplingParams
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req
-from services.engine.sampling import SamplingParams
 
 
 def _req(rid, n, arrival):

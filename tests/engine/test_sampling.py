@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from services.engine.sampling import Sampler, SamplingParams, filter_logits
+from services.common.sampling_params import SamplingParams
+from services.engine.sampling import Sampler, filter_logits
 
 
 @pytest.mark.parametrize(

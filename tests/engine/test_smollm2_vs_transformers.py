@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.models.model_store import resolve_model
 
 

@@ -1,5 +1,5 @@
+from services.common.sampling_params import SamplingParams
 from services.engine.request import FinishReason, Req
-from services.engine.sampling import SamplingParams
 from services.engine.stop_check import check_finish, find_stop_string, output_text
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 9: "<eos>"}

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.models.model_store import resolve_model
 from tests.integration.up_cluster import swaserve_up
 

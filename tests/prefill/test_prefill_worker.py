@@ -20,7 +20,7 @@ from services.common.kv_payload import KVPayload
 from services.common.kv_transport import add_kv_receiver
 from services.common.netutil import free_port
 from services.common.prompt_wire import pack_ids
-from services.engine.sampling import SamplingParams
+from services.common.sampling_params import SamplingParams
 from services.models.model_store import resolve_model
 from services.prefill.main import build_parser
 from services.proto_gen import worker_pb2

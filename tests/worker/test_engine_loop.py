@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from services.common.sampling_params import SamplingParams
 from services.engine.engine import Engine, EngineConfig
-from services.engine.sampling import SamplingParams
 from services.worker.engine_loop import EngineLoop, EngineStopped
 from tests.engine.tiny_models import mimo_dict, random_model
 
