@@ -29,7 +29,6 @@ from bench.sim.grpc_worker import SimDecodeServicer, SimPrefillServicer, start_g
 from bench.sim.http_worker import HttpWorkerInfo, SimHttpWorker
 from bench.sim.serving import SimServing
 from bench.sim.stats import SimStats
-from services.common.block_hash import BlockHash
 from services.common.kv_event_bus import KVEventPublisher
 from services.common.registry import WorkerRecord, WorkerRegistry
 
@@ -55,16 +54,6 @@ class SimWorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-
-
-def cache_block_hashes(engine: SimEngine) -> tuple[list[BlockHash], list[BlockHash]]:
-    """(full, swa) block hashes the radix cache holds now; on the event loop only."""
-    full: list[BlockHash] = []
-    swa: list[BlockHash] = []
-    for node in engine.cache.nodes:
-        full += node.hashes
-        swa += [h for h, page in zip(node.hashes, node.swa_pages, strict=True) if page is not None]
-    return full, swa
 
 
 class _QuietServer(uvicorn.Server):
@@ -180,7 +169,7 @@ class SimWorker:
         if cfg.role == "prefill" and cfg.kv_events:
             publisher = KVEventPublisher(
                 cfg.redis_url, self.worker_id, cfg.engine.page_size, cfg.engine.window,
-                snapshot_fn=lambda: cache_block_hashes(engine), epoch=self.start_id,
+                snapshot_fn=engine.cache.block_hashes, epoch=self.start_id,
             )  # fmt: skip
             self._kv_events = publisher
             engine.on_change.append(lambda e: publisher.publish_buffer(e.events))

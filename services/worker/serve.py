@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 
-from services.common.block_hash import BlockHash
 from services.common.grpc_server import make_server
 from services.common.kv_event_bus import KVEventPublisher
 from services.common.probe_http import ProbeServer
@@ -47,23 +46,13 @@ class Built:
     kv_events: bool = False  # publish the prefix cache's KV events to Redis (prefill)
 
 
-def cache_block_hashes(engine: Engine) -> tuple[list[BlockHash], list[BlockHash]]:
-    """(full, swa) block hashes the engine's radix cache holds now; on the loop thread only."""
-    full: list[BlockHash] = []
-    swa: list[BlockHash] = []
-    for node in engine.cache.nodes:
-        full += node.hashes
-        swa += [h for h, page in zip(node.hashes, node.swa_pages, strict=True) if page is not None]
-    return full, swa
-
-
 def attach_kv_events(loop: EngineLoop, redis_url: str, worker_id: str, **kw: Any) -> KVEventPublisher:
     """Publish the engine's KV cache events to Redis after every loop step (docs/kv-events.md).
     Set before requests arrive; the first publish writes the cache's whole (empty) state."""
     engine = loop.engine
     publisher = KVEventPublisher(
         redis_url, worker_id, engine.cfg.page_size, engine.window,
-        snapshot_fn=lambda: cache_block_hashes(engine), **kw,
+        snapshot_fn=engine.cache.block_hashes, **kw,  # called on the loop thread
     )  # fmt: skip
     chain_after_step(loop, lambda e: publisher.publish_buffer(e.events))
     return publisher

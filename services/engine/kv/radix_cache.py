@@ -128,6 +128,15 @@ class RadixCache:
         """SWA pages outside every lock window: what evict_swa can give back."""
         return self._swa_count[DEEP] + (self._swa_count[TAIL] if include_tails else 0)
 
+    def block_hashes(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """(full, swa) block hashes of every page held now: a KV-event snapshot of this cache."""
+        full: list[BlockHash] = []
+        swa: list[BlockHash] = []
+        for node in self.nodes:
+            full += node.hashes
+            swa += [h for h, page in zip(node.hashes, node.swa_pages, strict=True) if page is not None]
+        return full, swa
+
     # ---- match ---------------------------------------------------------------------------------
 
     def match(self, tokens: Sequence[int], extras: Sequence[bytes | None] | None = None) -> MatchResult:

@@ -261,6 +261,9 @@ class Harness:
             "full": {ref.hash_of[p] for p in ref.full},
             "swa": {ref.hash_of[p] for p in ref.swa},
         }
+        full, swa = env.cache.block_hashes()  # the snapshot a publisher resyncs with
+        assert (len(full), len(swa)) == (len(set(full)), len(set(swa)))
+        assert {"full": set(full), "swa": set(swa)} == self.view.blocks
         locked_full, locked_swa, tails = ref.protected([h.prefix for h in self.holders])
         assert env.cache.total_full_pages() == len(ref.full)
         assert env.cache.total_swa_pages() == len(ref.swa)
