@@ -16,8 +16,7 @@ hit on one worker), half are new (only the system prompt hits, on every worker).
              interleaved, request bodies encoded once up front. The router is asked through the
              stdlib http.client (httpx, ~0.3 ms slower on its own side, shown for reference).
              "adds" = router p50 - direct p50, direct = the prompt packed (`prompt_ids_packed`,
-             what the router sends too); the same call with the `repeated int32 prompt_ids` field
-             is shown for reference. "router CPU" =
+             what the router sends too). "router CPU" =
              the router process's CPU time (all threads, /proc) over the requests / their number:
              steadier than latency when other processes compete for the cores. The router
              follows the same prefix index through KV events in Redis (the cluster's state
@@ -247,17 +246,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prefill_request(rid: str, prompt: list[int], decode_addr: str, packed: bool) -> Any:
+def prefill_request(rid: str, prompt: list[int], decode_addr: str) -> Any:
     sampling = worker_pb2.SamplingParams(max_tokens=1)
-    if packed:
-        return worker_pb2.PrefillRequest(rid=rid, prompt_ids_packed=pack_ids(prompt), decode_addr=decode_addr,
-                                         sampling=sampling)  # fmt: skip
-    return worker_pb2.PrefillRequest(rid=rid, prompt_ids=prompt, decode_addr=decode_addr, sampling=sampling)
+    return worker_pb2.PrefillRequest(rid=rid, prompt_ids_packed=pack_ids(prompt), decode_addr=decode_addr,
+                                     sampling=sampling)  # fmt: skip
 
 
 def timed_loop(h: Any, conn: http.client.HTTPConnection, stub: Any, bodies: list[bytes], direct: list[Any],
-               plain: list[Any], n: int, warmup: int, router_pid: int) -> dict[str, Any]:  # fmt: skip
-    """n rounds of: direct Prefill (packed), direct Prefill (repeated ids), POST to the router with
+               n: int, warmup: int, router_pid: int) -> dict[str, Any]:  # fmt: skip
+    """n rounds of: direct Prefill (the prompt packed), POST to the router with
     http.client, the same POST with httpx; in an order that rotates each round (what runs after
     a router request shares the machine with its background Abort)."""
     headers = {"content-type": "application/json"}
@@ -265,7 +262,6 @@ def timed_loop(h: Any, conn: http.client.HTTPConnection, stub: Any, bodies: list
         "via": [],
         "via_httpx": [],
         "direct": [],
-        "direct_plain": [],
         "via_conv": [],
         "via_new": [],
     }
@@ -284,7 +280,6 @@ def timed_loop(h: Any, conn: http.client.HTTPConnection, stub: Any, bodies: list
 
     calls = {
         "direct": lambda k: stub.Prefill(direct[k], timeout=10),
-        "direct_plain": lambda k: stub.Prefill(plain[k], timeout=10),
         "via": via,
         "via_httpx": via_httpx,
     }
@@ -326,11 +321,10 @@ def bench_http(
     stub = worker_pb2_grpc.PrefillWorkerStub(channel)
     decode_addr = f"127.0.0.1:{ports[-1]}"
 
-    def requests(ps: list[list[int]]) -> tuple[list[bytes], list[Any], list[Any]]:
+    def requests(ps: list[list[int]]) -> tuple[list[bytes], list[Any]]:
         bodies = [json.dumps({"model": MODEL, "prompt": p, "max_tokens": 1}).encode() for p in ps]
-        direct = [prefill_request(f"r{i}", p, decode_addr, packed=True) for i, p in enumerate(ps)]
-        plain = [prefill_request(f"r{i}", p, decode_addr, packed=False) for i, p in enumerate(ps)]
-        return bodies, direct, plain
+        direct = [prefill_request(f"r{i}", p, decode_addr) for i, p in enumerate(ps)]
+        return bodies, direct
 
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as h:
@@ -437,14 +431,12 @@ def report(args: argparse.Namespace, cluster: Cluster, dec: dict[str, Any], http
     if "reasons" in http["32k"]:
         print(f"router's decisions over HTTP (32k): {http['32k']['reasons']}")
     for label, run in http.items():
-        via, direct, plain = run["via"], run["direct"], run["direct_plain"]
+        via, direct = run["via"], run["direct"]
         v50, d50 = statistics.median(via), statistics.median(direct)
         added = v50 - d50
-        ratio = {k: statistics.median(run[k]) / d50 for k in ("via", "direct_plain", "via_httpx")}
+        ratio = {k: statistics.median(run[k]) / d50 for k in ("via", "via_httpx")}
         print(f"| direct gRPC Prefill to a fake worker, {label} prompt packed | {d50 * ms:.2f} "
               f"| {pct(direct, 0.99) * ms:.2f} | {1 / statistics.mean(direct):,.0f} | | | 1 |")  # fmt: skip
-        print(f"| (the same, prompt as repeated int32 prompt_ids) | {statistics.median(plain) * ms:.2f} "
-              f"| {pct(plain, 0.99) * ms:.2f} | {1 / statistics.mean(plain):,.0f} | | | {ratio['direct_plain']:.2f} |")  # fmt: skip
         goal = "<= 3 ms" if label == "32k" else ""
         met = ("yes" if added <= 0.003 else "NO") if goal else ""
         print(f"| via router HTTP (Reserve + Prefill), {label} prompt | {v50 * ms:.2f} | {pct(via, 0.99) * ms:.2f} "

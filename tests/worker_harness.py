@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from services.common.grpc_server import make_server
 from services.common.kv_transport import add_kv_receiver
+from services.common.prompt_wire import pack_ids
 from services.common.sampling_wire import sampling_to_proto
 from services.decode.metrics import DecodeMetrics
 from services.decode.server import add_decode_servicer
@@ -92,6 +93,14 @@ def decode_stub(s: Served) -> worker_pb2_grpc.DecodeWorkerStub:
     return worker_pb2_grpc.DecodeWorkerStub(s.channel)
 
 
+def shipped_kv_bytes(pre: Served, transport: str = "grpc") -> float:
+    """Bytes of KV the prefill worker has shipped so far over `transport` (its metrics)."""
+    value = pre.worker.metrics.registry.get_sample_value(
+        "swaserve_prefill_kv_bytes_total", {"transport": transport}
+    )
+    return value or 0.0
+
+
 def sampling(**kw: Any) -> worker_pb2.SamplingParams:
     return sampling_to_proto({"temperature": 0.0} | kw)
 
@@ -100,6 +109,7 @@ def sampling(**kw: Any) -> worker_pb2.SamplingParams:
 class Outcome:
     reply: worker_pb2.PrefillReply
     chunks: list[worker_pb2.DecodeChunk]
+    kv_bytes: float  # the KV bytes the prefill worker shipped for this request (0: nothing landed)
 
     @property
     def tokens(self) -> list[int]:
@@ -115,20 +125,25 @@ def run_request(
         worker_pb2.ReserveRequest(rid=rid, prompt_len=len(prompt), max_tokens=sp.max_tokens)
     )
     assert ok.ok, ok.reason
+    shipped = shipped_kv_bytes(pre, transport)
     reply = prefill_stub(pre).Prefill(
         worker_pb2.PrefillRequest(
-            rid=rid, prompt_ids=prompt, sampling=sp, decode_addr=dec.addr, kv_transport=transport
+            rid=rid, prompt_ids_packed=pack_ids(prompt), sampling=sp, decode_addr=dec.addr,
+            kv_transport=transport,
         ),
         timeout=60,
     )
+    kv_bytes = shipped_kv_bytes(pre, transport) - shipped
     chunks: list[worker_pb2.DecodeChunk] = []
     if not reply.finish_reason:
         stream = decode_stub(dec).Decode(
-            worker_pb2.DecodeRequest(rid=rid, sampling=sp, prompt_ids=prompt, first_token=reply.first_token),
+            worker_pb2.DecodeRequest(
+                rid=rid, sampling=sp, prompt_ids_packed=pack_ids(prompt), first_token=reply.first_token
+            ),
             timeout=60,
         )
         chunks = list(stream)
-    return Outcome(reply, chunks)
+    return Outcome(reply, chunks, kv_bytes)
 
 
 def iter_tokens(chunks: Iterator[worker_pb2.DecodeChunk]) -> Iterator[int]:

@@ -5,7 +5,7 @@ cannot tell them apart, except that nothing crosses the network but the replies:
 
     Prefill  the SimEngine computes the prompt (real scheduler and radix cache, simulated time),
              then the KV transfer to decode_addr is modelled as time (window-aware bytes over
-             the cost model's link); the reply's kv_bytes are the bytes a real transfer would ship
+             the cost model's link)
     Reserve  SimDecoder's admission (KV tokens, as the real decode worker)
     Decode   tokens paced by the cost model; the simulated decode worker never waits for KV
 """
@@ -73,10 +73,8 @@ class SimPrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         except PrefillFailed as e:
             raise WorkerError(ErrorKind.INTERNAL, str(e)) from None
         finish = "length" if max_tokens <= 1 else ""  # no EOS in a simulation
-        kv_bytes = 0
         if not finish:
             cost = self.engine.cost
-            kv_bytes = cost.geometry.kv_bytes(out.prompt_len)
             self._shipping[rid] = False
             try:
                 await asyncio.sleep(cost.real_seconds(cost.kv_transfer_seconds(out.prompt_len)))
@@ -89,10 +87,7 @@ class SimPrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             first_token=out.first_token,
             first_logprob=0.0,
             cached_tokens=out.cached_tokens,
-            kv_bytes=kv_bytes,
             finish_reason=finish,
-            queue_seconds=out.queue_seconds,
-            prefill_seconds=out.prefill_seconds,
         )
 
     async def Abort(  # type: ignore[override]

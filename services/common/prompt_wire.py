@@ -7,8 +7,7 @@ A PrefillRequest or DecodeRequest (proto/worker.proto) carries its prompt in `pr
 
 Building a `repeated int32` field of a 32k-token prompt costs the sender ~0.5 ms and the receiver
 as much again; the packed form is one copy of a buffer the router already holds (its validated
-`array("I")`). `prompt_ids` (repeated int32) is still accepted from older senders; a message sets
-one of the two. Every receiver reads a prompt through `prompt_ids_of`.
+`array("I")`). Every receiver reads a prompt through `prompt_ids_of`.
 """
 
 from __future__ import annotations
@@ -29,9 +28,6 @@ class PromptMessage(Protocol):
 
     @property
     def rid(self) -> str: ...
-
-    @property
-    def prompt_ids(self) -> Sequence[int]: ...
 
     @property
     def prompt_ids_packed(self) -> bytes: ...
@@ -70,14 +66,9 @@ def unpack_ids(data: bytes) -> list[int]:
 
 
 def prompt_ids_of(msg: PromptMessage) -> list[int]:
-    """The prompt of a request, from whichever field carries it. Raises ValueError if both do or
-    the packed bytes are malformed (a receiver answers INVALID_ARGUMENT)."""
-    packed = msg.prompt_ids_packed
-    if packed:
-        if len(msg.prompt_ids):
-            raise ValueError("a request sets prompt_ids or prompt_ids_packed, not both")
-        return unpack_ids(packed)
-    return list(msg.prompt_ids)
+    """The prompt of a request. Raises ValueError if the packed bytes are malformed (a receiver
+    answers INVALID_ARGUMENT)."""
+    return unpack_ids(msg.prompt_ids_packed)
 
 
 def parse_prompt(msg: PromptMessage) -> list[int]:

@@ -49,10 +49,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             cached_tokens=result.cached_tokens,
             cached_tokens_l2=result.cached_tokens_l2,
             cached_tokens_l3=result.cached_tokens_l3,
-            kv_bytes=result.kv_bytes,
             finish_reason=result.finish_reason,
-            queue_seconds=result.queue_seconds,
-            prefill_seconds=result.prefill_seconds,
         )
 
     def Abort(self, request: worker_pb2.AbortRequest, context: grpc.ServicerContext) -> worker_pb2.AbortReply:

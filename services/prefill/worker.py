@@ -7,7 +7,7 @@
 
 When the first token already ends the request (eos, stop token, stop string, max_tokens == 1, the
 model's context), no KV is shipped: the result carries the finish reason and the router does not
-call Decode (kv_bytes == 0 tells it nothing landed).
+call Decode.
 
 An abort that arrives while the KV is on its way (the router cancelled, or died and its RPC
 dropped) cannot stop the bytes, so once they landed the worker tells the decode worker to drop

@@ -214,7 +214,6 @@ class Dispatcher:
             sampling=sampling_to_proto(sampling),
             decode_addr=decode.addr,
             kv_transport=self.settings.kv_transport,
-            uncached_tokens=decision.uncached_tokens,
         )
         try:
             reply = await self.clients.prefill(prefill.addr).Prefill(

@@ -13,8 +13,8 @@ import grpc
 import httpx
 import pytest
 
-from bench.sim.cost_model import mimo_v2_flash
 from bench.sim.launch import sim_workers
+from services.common.prompt_wire import pack_ids
 from services.proto_gen import worker_pb2, worker_pb2_grpc
 
 
@@ -123,24 +123,22 @@ def test_chat_completion_counts_the_message_words(http_worker: str) -> None:
     assert len(r["choices"][0]["message"]["content"].split()) == 4
 
 
-def test_grpc_prefill_reports_window_aware_kv_bytes_and_ends_at_one_token() -> None:
+def test_grpc_prefill_ships_unless_one_token_ends_the_request() -> None:
     with sim_workers("prefill", 1, "--time-scale", "50") as fleet:
         with grpc.insecure_channel(fleet.workers[0]) as ch:
             stub = worker_pb2_grpc.PrefillWorkerStub(ch)
 
             def prefill(rid: str, n: int, max_tokens: int) -> worker_pb2.PrefillReply:
                 req = worker_pb2.PrefillRequest(
-                    rid=rid, prompt_ids=list(range(1, n + 1)), decode_addr="127.0.0.1:1",
+                    rid=rid, prompt_ids_packed=pack_ids(range(1, n + 1)), decode_addr="127.0.0.1:1",
                     sampling=worker_pb2.SamplingParams(max_tokens=max_tokens),
                 )  # fmt: skip
                 return stub.Prefill(req, timeout=10)
 
             r = prefill("a", 1000, 16)
-            assert (
-                r.kv_bytes == mimo_v2_flash().kv_bytes(1000) and not r.finish_reason and r.cached_tokens == 0
-            )
+            assert not r.finish_reason and r.cached_tokens == 0
             r = prefill("b", 1000, 1)
-            assert r.finish_reason == "length" and r.kv_bytes == 0 and r.cached_tokens == 992
+            assert r.finish_reason == "length" and r.cached_tokens == 992
             with pytest.raises(grpc.RpcError) as e:
                 prefill("c", 10, 0)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

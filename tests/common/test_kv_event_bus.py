@@ -501,6 +501,7 @@ def test_a_prefill_worker_process_publishes_under_its_registry_id_and_clears_on_
 
     import grpc
 
+    from services.common.prompt_wire import pack_ids
     from services.common.registry import WorkerRegistry
     from services.common.sampling_wire import sampling_to_proto
     from services.proto_gen import worker_pb2, worker_pb2_grpc
@@ -521,7 +522,7 @@ def test_a_prefill_worker_process_publishes_under_its_registry_id_and_clears_on_
         with grpc.insecure_channel(addr) as ch:
             worker_pb2_grpc.PrefillWorkerStub(ch).Prefill(
                 worker_pb2.PrefillRequest(
-                    rid="p", prompt_ids=prompt, decode_addr="-",
+                    rid="p", prompt_ids_packed=pack_ids(prompt), decode_addr="-",
                     sampling=sampling_to_proto({"temperature": 0.0, "max_tokens": 1}),
                 ),
                 timeout=60,

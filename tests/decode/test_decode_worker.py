@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 
+from services.common.prompt_wire import pack_ids
 from services.common.sampling_params import SamplingParams
 from services.models.model_store import resolve_model
 from services.proto_gen import worker_pb2
@@ -23,6 +24,7 @@ from tests.worker_harness import (
     sampling,
     serve_decode,
     serve_prefill,
+    shipped_kv_bytes,
 )
 
 MAX_TOKENS = 8
@@ -93,9 +95,9 @@ def test_prefill_here_decode_there_equals_one_engine(lm, pair, which):
     # SWA layers ship only the window: the bytes follow the geometry, not the prompt length alone
     window = pre.loop.engine.window
     per_token = {"full": 0, "swa": 0}
-    for g in lm.model.config.kv_geometries:
-        per_token["full" if g.window is None else "swa"] += g.kv_heads * (g.k_head_dim + g.v_head_dim) * 4
-    assert out.reply.kv_bytes == len(prompt) * per_token["full"] + min(len(prompt), window) * per_token["swa"]
+    for g in lm.model.config.kv_specs:
+        per_token["full" if g.window is None else "swa"] += g.kv_heads * (g.k_dim + g.v_dim) * 4
+    assert out.kv_bytes == len(prompt) * per_token["full"] + min(len(prompt), window) * per_token["swa"]
     assert dec.worker.reserved_tokens() == 0 and dec.worker.pending_count() == 0
     assert wait_for(lambda: dec.loop.stats.running == 0)
 
@@ -104,12 +106,12 @@ def test_a_first_token_that_ends_the_request_needs_no_kv(lm, pair):
     pre, dec = pair
     prompt = prompts(lm)["short"]
     out = run_request(pre, dec, f"{lm.name}-one", prompt, max_tokens=1)
-    assert out.reply.finish_reason == "length" and out.reply.kv_bytes == 0
+    assert out.reply.finish_reason == "length" and out.kv_bytes == 0
     # a router that calls Decode anyway gets the finish at once, not a wait for KV
     chunks = list(
         decode_stub(dec).Decode(
             worker_pb2.DecodeRequest(
-                rid=f"{lm.name}-one", sampling=sampling(max_tokens=1), prompt_ids=prompt,
+                rid=f"{lm.name}-one", sampling=sampling(max_tokens=1), prompt_ids_packed=pack_ids(prompt),
                 first_token=out.reply.first_token,
             ),
             timeout=10,
@@ -165,17 +167,18 @@ def test_kv_without_decode_expires_and_decode_without_kv_fails(mimo):
             decode_stub(dec).Reserve(worker_pb2.ReserveRequest(rid="orphan", prompt_len=20, max_tokens=8)).ok
         )
         reply = prefill_stub(pre).Prefill(
-            worker_pb2.PrefillRequest(rid="orphan", prompt_ids=prompt, sampling=sampling(max_tokens=8),
+            worker_pb2.PrefillRequest(rid="orphan", prompt_ids_packed=pack_ids(prompt), sampling=sampling(max_tokens=8),
                                       decode_addr=dec.addr),
             timeout=30,
         )  # fmt: skip
-        assert reply.kv_bytes > 0 and dec.worker.pending_count() == 1 and dec.worker.reserved_tokens() == 28
+        assert shipped_kv_bytes(pre) > 0
+        assert dec.worker.pending_count() == 1 and dec.worker.reserved_tokens() == 28
         assert wait_for(
             lambda: dec.worker.pending_count() == 0 and dec.worker.reserved_tokens() == 0, timeout=3
         )
         with pytest.raises(grpc.RpcError) as e:
             list(decode_stub(dec).Decode(
-                worker_pb2.DecodeRequest(rid="orphan", sampling=sampling(max_tokens=8), prompt_ids=prompt,
+                worker_pb2.DecodeRequest(rid="orphan", sampling=sampling(max_tokens=8), prompt_ids_packed=pack_ids(prompt),
                                          first_token=reply.first_token),
                 timeout=10,
             ))  # fmt: skip
@@ -196,11 +199,15 @@ def test_a_client_cancel_aborts_the_request_in_the_engine(mimo):
             decode_stub(dec).Reserve(worker_pb2.ReserveRequest(rid="bye", prompt_len=20, max_tokens=3000)).ok
         )
         reply = prefill_stub(pre).Prefill(
-            worker_pb2.PrefillRequest(rid="bye", prompt_ids=prompt, sampling=sp, decode_addr=dec.addr),
+            worker_pb2.PrefillRequest(
+                rid="bye", prompt_ids_packed=pack_ids(prompt), sampling=sp, decode_addr=dec.addr
+            ),
             timeout=30,
         )
         stream = decode_stub(dec).Decode(
-            worker_pb2.DecodeRequest(rid="bye", sampling=sp, prompt_ids=prompt, first_token=reply.first_token)
+            worker_pb2.DecodeRequest(
+                rid="bye", sampling=sp, prompt_ids_packed=pack_ids(prompt), first_token=reply.first_token
+            )
         )
         first = next(stream)
         assert first.token_ids and not first.finish_reason
@@ -226,7 +233,7 @@ def test_decode_refuses_kv_of_another_model(mimo):
     try:
         with pytest.raises(grpc.RpcError) as e:
             prefill_stub(pre).Prefill(
-                worker_pb2.PrefillRequest(rid="x", prompt_ids=[1, 2, 3], sampling=sampling(max_tokens=4),
+                worker_pb2.PrefillRequest(rid="x", prompt_ids_packed=pack_ids([1, 2, 3]), sampling=sampling(max_tokens=4),
                                           decode_addr=dec.addr),
                 timeout=30,
             )  # fmt: skip
@@ -306,7 +313,7 @@ def test_kv_that_lands_after_an_abort_is_dropped_at_once_not_after_the_ttl(mimo)
         def run() -> None:
             try:
                 prefill_stub(pre).Prefill(
-                    worker_pb2.PrefillRequest(rid="late", prompt_ids=prompt, sampling=sampling(max_tokens=8),
+                    worker_pb2.PrefillRequest(rid="late", prompt_ids_packed=pack_ids(prompt), sampling=sampling(max_tokens=8),
                                               decode_addr=dec.addr),
                     timeout=30,
                 )  # fmt: skip

@@ -54,7 +54,7 @@ def test_chat_greedy_text_and_usage(fakes: Cluster, tok: RouterTokenizer) -> Non
     assert req.decode_addr == fakes.decode.addr
     prompt = prompt_ids_of(req)
     assert len(prompt) == _chat_prompt_len(tok, content)
-    assert len(req.prompt_ids) == 0  # the prompt travels packed
+    assert len(req.prompt_ids_packed) == 4 * len(prompt)  # the prompt travels packed
     assert req.rid in fakes.decode.reserved and fakes.decode.reserved[req.rid].prompt_len == len(prompt)
     assert fakes.decode.decode_requests[-1].rid == req.rid
     assert prompt_ids_of(fakes.decode.decode_requests[-1]) == prompt
