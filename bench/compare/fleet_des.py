@@ -38,11 +38,11 @@ from bench.sim.engine import SIM_PARAMS
 from services.common.kv_event_wire import ops_from_events
 from services.common.kv_events import EventBuffer
 from services.common.prefix_index import PrefixIndex
+from services.engine.bookkeeping import BookkeepingConfig, build_bookkeeping
 from services.engine.kv.page_pool import PagePool
 from services.engine.kv.radix_cache import RadixCache
-from services.engine.queue_policy import make_queue_policy
 from services.engine.request import FinishReason, Req
-from services.engine.scheduler import Scheduler, SchedulerConfig
+from services.engine.scheduler import Scheduler
 from services.router.policy import Candidate, PolicyConfig
 from services.router.policy.config import add_policy_args, policy_config_from_args
 from services.router.residency import RoutedResidency
@@ -131,14 +131,17 @@ def simulate(
     tps = cost.prefill_tokens_per_s() * scale
     fleet: list[Worker] = []
     for i in range(workers):
-        full = PagePool(scale * capacity_tokens // PAGE, PAGE, "full")
-        swa = PagePool(scale * 2 * 256 * (math.ceil(max(window, 1) / PAGE) + 2), PAGE, "swa")
-        events = EventBuffer()
-        cache = RadixCache(PAGE, window, full, swa, event_sink=events)
-        cfg = SchedulerConfig(page_size=PAGE, window=window, chunk_size=scale * chunk_size,
-                              max_batch_tokens=scale * chunk_size, max_running=256 * scale)  # fmt: skip
-        sched = Scheduler(cfg, full, swa, cache, make_queue_policy("fcfs"), clock)
-        fleet.append(Worker(f"w{i}", sched, cache, full, events, tps, scale * capacity_tokens))
+        bk = build_bookkeeping(
+            BookkeepingConfig(
+                page_size=PAGE, window=window, max_total_tokens=scale * capacity_tokens,
+                swa_pages=scale * 2 * 256 * (math.ceil(max(window, 1) / PAGE) + 2),
+                chunk_size=scale * chunk_size, max_batch_tokens=scale * chunk_size, max_running=256 * scale,
+            ),
+            clock,
+        )  # fmt: skip
+        fleet.append(
+            Worker(f"w{i}", bk.scheduler, bk.cache, bk.full_pool, bk.events, tps, scale * capacity_tokens)
+        )
     decode = [
         Candidate("d", "d", role="decode", free_kv_tokens=1 << 30, capacity_tokens=1 << 30, has_load=True)
     ]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,13 +24,11 @@ from dataclasses import dataclass
 from bench.sim.clock import SimClock
 from bench.sim.cost_model import CostModel
 from bench.sim.tokens import output_tokens
-from services.common.kv_events import EventBuffer
 from services.common.sampling_params import SamplingParams
-from services.engine.kv.page_pool import PagePool
-from services.engine.kv.radix_cache import RadixCache
+from services.engine.bookkeeping import BookkeepingConfig, build_bookkeeping
 from services.engine.queue_policy import make_queue_policy
 from services.engine.request import FinishReason, Req
-from services.engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from services.engine.scheduler import ScheduledStep
 
 log = logging.getLogger(__name__)
 
@@ -107,25 +104,22 @@ class SimEngine:
         self.cost = cost
         self.clock = SimClock(cost.time_scale)
         self.name = name
-        p = cfg.page_size
-        window_pages = math.ceil(cfg.window / p) + 2
-        num_swa = cfg.swa_pages if cfg.swa_pages is not None else 2 * cfg.max_running * window_pages
-        self.full_pool = PagePool(cfg.max_total_tokens // p, p, "full")
-        self.swa_pool = PagePool(num_swa, p, "swa")
-        self.events = EventBuffer()
-        self.cache = RadixCache(p, cfg.window, self.full_pool, self.swa_pool, event_sink=self.events)
-        sched_cfg = SchedulerConfig(
-            page_size=p,
-            window=cfg.window,
-            chunk_size=cfg.chunk_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_running=cfg.max_running,
-            enable_prefix_cache=cfg.enable_prefix_cache,
+        bk = build_bookkeeping(
+            BookkeepingConfig(
+                page_size=cfg.page_size,
+                window=cfg.window,
+                max_total_tokens=cfg.max_total_tokens,
+                swa_pages=cfg.swa_pages,
+                chunk_size=cfg.chunk_size,
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_running=cfg.max_running,
+                queue_policy=cfg.queue_policy,
+                enable_prefix_cache=cfg.enable_prefix_cache,
+            ),
+            self.clock.now,
         )
-        policy = make_queue_policy(cfg.queue_policy)
-        self.scheduler = Scheduler(
-            sched_cfg, self.full_pool, self.swa_pool, self.cache, policy, self.clock.now
-        )
+        self.full_pool, self.swa_pool, self.cache = bk.full_pool, bk.swa_pool, bk.cache
+        self.events, self.scheduler = bk.events, bk.scheduler
         self.on_change: list[OnChange] = []
         self.load = EngineLoad(capacity_tokens=self.capacity_tokens, free_tokens=self.capacity_tokens)
         self.steps = 0
