@@ -1,6 +1,6 @@
 """Our router's CPU per request on long prompts, steadier than a trace replay (SIMULATED workers).
 
-    .venv/bin/python bench/router_cpu.py [--prompt-tokens 85000] [--requests 40] [--sessions 4] [--rounds 1]
+    .venv/bin/python bench/router_cpu.py [--prompt-tokens 85000] [--requests 40] [--sessions 4] [--rounds 1] [--quick]
 
 A fresh fleet (bench/compare/fleet.py: redis-server, 8 simulated prefill workers and 2 decode
 workers, our router with the seed policy), then `--requests` sequential completions as token ids:
@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=0, help="the sims' cache window")
     p.add_argument("--time-scale", type=float, default=16.0, help="sim service times / this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="16 requests (well under a minute)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.requests = min(args.requests, 16)
     if args.prompt_tokens < 1 or args.requests < 1 or args.sessions < 1:
         p.error("--prompt-tokens, --requests and --sessions must be >= 1")
     figures = []
