@@ -74,10 +74,15 @@ class WorkerRecord:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> WorkerRecord:
-        raw = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> WorkerRecord:
+        """A record from its parsed JSON (fields this version does not know are ignored)."""
+        return cls(**{k: v for k, v in raw.items() if k in _FIELDS})
+
+
+_FIELDS = frozenset(f.name for f in fields(WorkerRecord))
 
 LoadFn = Callable[[], Mapping[str, int]]
 

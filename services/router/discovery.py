@@ -198,7 +198,9 @@ class RedisWorkerPool:
                         if isinstance(data, dict) and "left" in data:
                             self.forget(str(data["left"]))
                             continue
-                        rec = WorkerRecord.from_json(msg["data"])
+                        if not isinstance(data, dict):
+                            raise TypeError(f"a load message is a JSON object, not {type(data).__name__}")
+                        rec = WorkerRecord.from_dict(data)  # parsed once
                     except (ValueError, TypeError) as e:
                         log.warning("discovery: skipping a malformed load message: %s", e)
                         continue
