@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.common.kv_spec import KVLayerSpec  # noqa: E402
 from services.common.sampling_params import SamplingParams  # noqa: E402
-from services.engine.engine import DTYPES, Engine, EngineConfig, kv_specs  # noqa: E402
+from services.engine.engine import Engine, EngineConfig  # noqa: E402
 from services.engine.kv.page_pool import PagePool  # noqa: E402
 from services.engine.kv.req_pages import ReqPages  # noqa: E402
-from services.engine.tensors.kv_store import LayerKVSpec  # noqa: E402
+from services.engine.tensors.kv_bytes import page_nbytes  # noqa: E402
 from services.models.config import ModelConfig  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "traces" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
@@ -121,8 +122,8 @@ def kv_bytes_table(page_size: int = 16) -> list[tuple[str, int, float, float, fl
     rows = []
     for name in ("mimo-v2-flash", "mimo-v2.5-pro"):
         cfg = ModelConfig.from_dict(get_preset(name).config())
-        hybrid = kv_specs(cfg)
-        full_everywhere = [LayerKVSpec("full", s.kv_heads, s.k_dim, s.v_dim) for s in hybrid]
+        hybrid = list(cfg.kv_specs)
+        full_everywhere = [KVLayerSpec("full", s.kv_heads, s.k_dim, s.v_dim) for s in hybrid]
         for ctx in (4096, 32768):
             measured = measured_kv_bytes(hybrid, int(cfg.window or 0), ctx, page_size)
             baseline = measured_kv_bytes(full_everywhere, 0, ctx, page_size)
@@ -131,9 +132,8 @@ def kv_bytes_table(page_size: int = 16) -> list[tuple[str, int, float, float, fl
     return rows
 
 
-def measured_kv_bytes(specs: list[LayerKVSpec], window: int, ctx: int, page_size: int) -> float:
+def measured_kv_bytes(specs: list[KVLayerSpec], window: int, ctx: int, page_size: int) -> float:
     """Run one request of ctx tokens through real ReqPages over real pools; bytes = pages held x page bytes."""
-    dtype = DTYPES["bfloat16"]
     full_pool = PagePool(ctx // page_size + 2, page_size, "full")
     swa_pool = PagePool(window // page_size + 4, page_size, "swa")
     pages = ReqPages(full_pool, swa_pool, window)
@@ -142,12 +142,11 @@ def measured_kv_bytes(specs: list[LayerKVSpec], window: int, ctx: int, page_size
         end = min(ctx, end + 512)
         pages.plan_step(end)
         pages.commit_step(end)
-    per_page = {kind: page_size * sum(s.bytes_per_token(dtype) for s in specs if s.kind == kind)
-                for kind in ("full", "swa")}
+    per_page = {kind: page_nbytes(specs, kind, page_size, torch.bfloat16) for kind in ("full", "swa")}
     return full_pool.num_used * per_page["full"] + swa_pool.num_used * per_page["swa"]
 
 
-def theoretical_ratio(specs: list[LayerKVSpec], window: int, ctx: int) -> float:
+def theoretical_ratio(specs: list[KVLayerSpec], window: int, ctx: int) -> float:
     dims = [s.kv_heads * (s.k_dim + s.v_dim) for s in specs]
     hybrid = sum(d * (ctx if s.kind == "full" else min(ctx, window)) for d, s in zip(dims, specs, strict=True))
     return sum(dims) * ctx / hybrid

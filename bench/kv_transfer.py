@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.common.kv_payload import KVMeta, KVPayload, LayerMeta  # noqa: E402
+from services.common.kv_payload import KVMeta, KVPayload  # noqa: E402
 from services.common.kv_transport import GRPC_OPTIONS, add_kv_receiver, make_sender  # noqa: E402
 from services.common.kv_wire import payload_views  # noqa: E402
 
@@ -54,10 +54,7 @@ def flash_meta(num_tokens: int) -> KVMeta:
     from services.models.presets import get_preset
 
     cfg = ModelConfig.from_dict(get_preset("mimo-v2-flash").config())
-    layers = tuple(
-        LayerMeta("swa" if g.window else "full", g.kv_heads, g.k_head_dim, g.v_head_dim) for g in cfg.kv_geometries
-    )
-    return KVMeta(f"bench-{num_tokens}", num_tokens, int(cfg.window or 0), "bfloat16", layers)
+    return KVMeta(f"bench-{num_tokens}", num_tokens, int(cfg.window or 0), "bfloat16", cfg.kv_specs)
 
 
 def naive_bytes(meta: KVMeta) -> int:

@@ -14,18 +14,10 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import ClassVar
 
 from services.common.block_hash import BlockHash
-
-KVKind = Literal["full", "swa"]
-_KINDS: tuple[KVKind, ...] = ("full", "swa")
-
-
-def _kind(value: Any) -> KVKind:
-    if value not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {value!r}")
-    return cast(KVKind, value)
+from services.common.kv_spec import KVKind, kv_kind
 
 
 @dataclass(frozen=True)
@@ -51,7 +43,7 @@ class BlockStored(KVEvent):
     page_size: int
 
     def __post_init__(self) -> None:
-        _kind(self.kind)
+        kv_kind(self.kind)
         if self.page_size <= 0 or len(self.token_ids) != len(self.block_hashes) * self.page_size:
             raise ValueError(
                 f"{len(self.token_ids)} token ids for {len(self.block_hashes)} blocks of {self.page_size}"
@@ -71,7 +63,7 @@ class BlockRemoved(KVEvent):
     block_hashes: tuple[BlockHash, ...]
 
     def __post_init__(self) -> None:
-        _kind(self.kind)
+        kv_kind(self.kind)
 
 
 @dataclass(frozen=True)

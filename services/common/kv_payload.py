@@ -10,29 +10,28 @@ position num_tokens) sees exactly those. Nothing else of the SWA history ever cr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
-
-
-@dataclass(frozen=True)
-class LayerMeta:
-    kind: str  # "full" | "swa"
-    kv_heads: int
-    k_dim: int
-    v_dim: int
+from services.common.kv_spec import KVLayerSpec, dtype_itemsize, torch_dtype
 
 
 @dataclass(frozen=True)
 class KVMeta:
+    """The payload's geometry. Its SWA layers' `window` is the payload's (`replace`d on creation):
+    one window per model, carried once on the wire."""
+
     rid: str
     num_tokens: int  # the KV covers prompt positions [0, num_tokens) (SWA layers: only the window)
     window: int  # previous tokens an SWA query sees; 0 if the model has no SWA layer
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    layers: tuple[LayerMeta, ...]
+    dtype: str  # a services/common/kv_spec.py DTYPE_ITEMSIZE name
+    layers: tuple[KVLayerSpec, ...]
+
+    def __post_init__(self) -> None:
+        if any(m.kind == "swa" and m.window != self.window for m in self.layers):
+            layers = tuple(replace(m, window=self.window) if m.kind == "swa" else m for m in self.layers)
+            object.__setattr__(self, "layers", layers)
 
     def start(self, layer_id: int) -> int:
         """First position carried for a layer."""
@@ -53,15 +52,12 @@ class KVMeta:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        return dtype_itemsize(self.dtype)
 
     @property
     def nbytes(self) -> int:
         """Expected payload bytes, from the geometry alone (the formula in the module docstring)."""
-        per = 0
-        for i, m in enumerate(self.layers):
-            per += self.positions(i) * m.kv_heads * (m.k_dim + m.v_dim)
-        return per * self.itemsize
+        return sum(self.positions(i) * m.bytes_per_token(self.dtype) for i, m in enumerate(self.layers))
 
 
 @dataclass
@@ -73,7 +69,7 @@ class KVPayload:
     def __post_init__(self) -> None:
         if len(self.k) != len(self.meta.layers) or len(self.v) != len(self.meta.layers):
             raise ValueError("one K and one V tensor per layer")
-        dtype = DTYPES[self.meta.dtype]
+        dtype = torch_dtype(self.meta.dtype)
         for i in range(len(self.meta.layers)):
             for t, shape, name in ((self.k[i], self.meta.k_shape(i), "k"), (self.v[i], self.meta.v_shape(i), "v")):
                 if tuple(t.shape) != shape or t.dtype != dtype:

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from services.common.kv_payload import DTYPES, KVMeta, KVPayload, LayerMeta
+from services.common.kv_payload import KVMeta, KVPayload
+from services.common.kv_spec import DTYPE_ITEMSIZE, KV_KINDS, KVLayerSpec, kv_kind, torch_dtype
 from services.common.proto_field import FieldError, encode_field, field_view
 from services.proto_gen import kv_pb2
 
@@ -52,15 +53,15 @@ def header_from_meta(meta: KVMeta, transport: str) -> kv_pb2.KVHeader:
 
 def meta_from_header(header: kv_pb2.KVHeader) -> KVMeta:
     """Validated KVMeta of a header: known dtype and kinds, positive dims, total_bytes consistent."""
-    if header.dtype not in DTYPES:
+    if header.dtype not in DTYPE_ITEMSIZE:
         raise KVWireError(f"header of {header.rid!r}: unknown dtype {header.dtype!r}")
     if header.num_tokens < 0 or header.window < 0:
         raise KVWireError(f"header of {header.rid!r}: negative num_tokens or window")
     layers = []
     for i, h in enumerate(header.layers):
-        if h.kind not in ("full", "swa") or min(h.kv_heads, h.k_dim, h.v_dim) <= 0:
+        if h.kind not in KV_KINDS or min(h.kv_heads, h.k_dim, h.v_dim) <= 0:
             raise KVWireError(f"header of {header.rid!r}: bad layer {i}: {h.kind!r} {h.kv_heads}x({h.k_dim}+{h.v_dim})")
-        layers.append(LayerMeta(h.kind, h.kv_heads, h.k_dim, h.v_dim))
+        layers.append(KVLayerSpec(kv_kind(h.kind), h.kv_heads, h.k_dim, h.v_dim))
     meta = KVMeta(header.rid, header.num_tokens, header.window, header.dtype, tuple(layers))
     if header.total_bytes != meta.nbytes:
         raise KVWireError(f"header of {header.rid!r}: total_bytes {header.total_bytes} but geometry gives {meta.nbytes}")
@@ -159,7 +160,7 @@ class PayloadAssembler:
 
     def __init__(self, meta: KVMeta, allocate: bool = True) -> None:
         self.meta = meta
-        self.dtype = DTYPES[meta.dtype]
+        self.dtype = torch_dtype(meta.dtype)
         self.shapes = [s for i in range(len(meta.layers)) for s in (meta.k_shape(i), meta.v_shape(i))]
         self.sizes = [math.prod(s) * meta.itemsize for s in self.shapes]  # bytes, wire order
         self.tensors: list[torch.Tensor | None] = (

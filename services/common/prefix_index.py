@@ -36,15 +36,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, compress, repeat
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 from services.common.block_hash import BlockHash
+from services.common.kv_spec import KVKind
 from services.common.pending_residency import PendingEntry, PendingLayer, clear_flag
 
 if TYPE_CHECKING:  # the event types live with the engine's cache; no runtime import (router side)
     from services.common.kv_events import BlockRemoved, BlockStored, KVEvent
-
-KVKind = Literal["full", "swa"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ The prefill and decode services wrap this loop; `generate()` runs it to completi
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,28 +26,23 @@ from typing import Any
 import torch
 
 from services.common.block_hash import BlockHash
-from services.common.kv_events import EventBuffer
 from services.common.kv_payload import KVPayload
+from services.common.kv_spec import dtype_itemsize, torch_dtype
 from services.common.sampling_params import SamplingParams
-from services.engine.kv.host_tier import HostTier, SpillJob
-from services.engine.kv.page_pool import PagePool
-from services.engine.kv.radix_cache import RadixCache
+from services.engine.bookkeeping import BookkeepingConfig, build_bookkeeping
+from services.engine.kv.host_tier import SpillJob
 from services.engine.kv.req_pages import ReqPages
 from services.engine.l3_tier import L3Fetch, L3Store, L3Tier, namespace
 from services.engine.models.causal_lm import CausalLM
 from services.engine.models.model_runner import ModelRunner
-from services.engine.queue_policy import make_queue_policy
 from services.engine.request import Req, ReqStatus
 from services.engine.sampling import Sampled, Sampler
-from services.engine.scheduler import Scheduler, SchedulerConfig
 from services.engine.stop_check import check_finish, output_text
 from services.engine.tensors.host_store import HostKVStore
 from services.engine.tensors.kv_bytes import page_nbytes, read_pages, write_pages
-from services.engine.tensors.kv_store import KVStore, LayerKVSpec
+from services.engine.tensors.kv_store import KVStore
 from services.engine.tensors.kv_transfer import export_kv, install_kv
 from services.engine.tensors.layer_restore import LayerwiseRestore
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -78,22 +72,9 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        dtype_itemsize(self.dtype)  # a ValueError naming the choices for an unknown name
         if self.max_total_tokens < self.page_size:
             raise ValueError("max_total_tokens must hold at least one page")
-
-
-def kv_specs(model_cfg: Any) -> list[LayerKVSpec]:
-    return [
-        LayerKVSpec(
-            kind="full" if g.window is None else "swa",
-            kv_heads=g.kv_heads,
-            k_dim=g.k_head_dim,
-            v_dim=g.v_head_dim,
-        )
-        for g in model_cfg.kv_geometries
-    ]
 
 
 def swa_window(model_cfg: Any) -> int:
@@ -108,37 +89,29 @@ class Engine:
         self.tokenizer = tokenizer
         p = cfg.page_size
         self.window = swa_window(model_cfg)
-        window_pages = math.ceil(self.window / p) + 2
-        num_full = cfg.max_total_tokens // p
-        num_swa = cfg.swa_pages if cfg.swa_pages is not None else 2 * cfg.max_running * window_pages
-        if num_swa < window_pages:
-            raise ValueError(f"swa_pages must be >= {window_pages} (one request's window)")
-        self.full_pool = PagePool(num_full, p, "full")
-        self.swa_pool = PagePool(num_swa, p, "swa")
-        self.store = KVStore(kv_specs(model_cfg), num_full, num_swa, p, DTYPES[cfg.dtype], cfg.device)
-        self.events = EventBuffer()
-        self.cache = RadixCache(p, self.window, self.full_pool, self.swa_pool, event_sink=self.events)
-        sched_cfg = SchedulerConfig(
-            page_size=p,
-            window=self.window,
-            chunk_size=cfg.chunk_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-            max_running=cfg.max_running,
-            enable_prefix_cache=cfg.enable_prefix_cache,
+        bk = build_bookkeeping(
+            BookkeepingConfig(
+                page_size=p,
+                window=self.window,
+                max_total_tokens=cfg.max_total_tokens,
+                swa_pages=cfg.swa_pages,
+                chunk_size=cfg.chunk_size,
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_running=cfg.max_running,
+                queue_policy=cfg.queue_policy,
+                enable_prefix_cache=cfg.enable_prefix_cache,
+                host_kv_tokens=cfg.host_kv_tokens,
+                host_swa_pages=cfg.host_swa_pages,
+            )
         )
-        self.host: HostTier | None = None
-        self.host_store: HostKVStore | None = None
-        self.host_events: EventBuffer | None = None
-        if cfg.host_kv_tokens > 0 and cfg.enable_prefix_cache:
-            host_full = cfg.host_kv_tokens // p
-            host_swa = cfg.host_swa_pages if cfg.host_swa_pages is not None else host_full
-            self.host_events = EventBuffer()  # tier "l2" (kv/host_tier.py), published beside L1's
-            self.host = HostTier(host_full, host_swa, p, self.window, event_sink=self.host_events)
-            self.host_store = HostKVStore(kv_specs(model_cfg), host_full, host_swa, p, DTYPES[cfg.dtype])
-        self.scheduler = Scheduler(
-            sched_cfg, self.full_pool, self.swa_pool, self.cache, make_queue_policy(cfg.queue_policy),
-            host=self.host,
-        )  # fmt: skip
+        self.full_pool, self.swa_pool, self.cache, self.events = bk.full_pool, bk.swa_pool, bk.cache, bk.events
+        self.scheduler, self.host, self.host_events = bk.scheduler, bk.host, bk.host_events
+        num_full, num_swa = self.full_pool.num_pages, self.swa_pool.num_pages
+        self.store = KVStore(list(model_cfg.kv_specs), num_full, num_swa, p, torch_dtype(cfg.dtype), cfg.device)
+        self.host_store: HostKVStore | None = None  # L2's bytes, beside the host tier's bookkeeping
+        if self.host is not None:
+            host_full, host_swa = self.host.full_pool.num_pages, self.host.swa_pool.num_pages
+            self.host_store = HostKVStore(list(model_cfg.kv_specs), host_full, host_swa, p, torch_dtype(cfg.dtype))
         self.l3: L3Tier | None = None
         self.l3_wait = 2.0  # seconds a request waits for its L3 lookup before it is queued without it
         self._staged: dict[str, _Staged] = {}
@@ -160,7 +133,7 @@ class Engine:
         from services.engine.models.loader import load_model
 
         cfg = cfg or EngineConfig()
-        model = load_model(model_dir, dtype=DTYPES[cfg.dtype], device=cfg.device)
+        model = load_model(model_dir, dtype=torch_dtype(cfg.dtype), device=cfg.device)
         tok_path = Path(model_dir) / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.exists() else None
         return cls(model, model.config, cfg, tokenizer)
@@ -195,13 +168,12 @@ class Engine:
         `model` names the weights: workers share blocks only within one name."""
         if self.host is None:
             raise ValueError("L3 needs the host tier (L2): set host_kv_tokens")
-        specs = kv_specs(self.model_cfg)
-        dtype = DTYPES[self.cfg.dtype]
-        ns = namespace(model, (specs, self.window), self.cfg.dtype, self.cfg.page_size)
+        specs = self.store.specs
+        ns = namespace(model, specs, self.window, self.cfg.dtype, self.cfg.page_size)
         self.l3 = L3Tier(
             store, ns,
-            full_nbytes=page_nbytes(specs, "full", self.cfg.page_size, dtype),
-            swa_page_nbytes=page_nbytes(specs, "swa", self.cfg.page_size, dtype),
+            full_nbytes=page_nbytes(specs, "full", self.cfg.page_size, self.store.dtype),
+            swa_page_nbytes=page_nbytes(specs, "swa", self.cfg.page_size, self.store.dtype),
             tail_pages=self.host.tail_pages, max_inflight_bytes=max_inflight_bytes,
         )  # fmt: skip
         return self.l3

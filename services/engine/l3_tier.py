@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from services.common.block_hash import BlockHash
+from services.common.kv_spec import KVLayerSpec
 from services.gcache.client import BlockKey
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,15 @@ class L3Counters:
     fetch_errors: int = 0  # a fetch that raised, or a value of the wrong size (a miss)
 
 
-def namespace(model: str, geometry: object, dtype: str, page_size: int) -> str:
-    """The key namespace: readable model name plus a digest of everything the bytes depend on."""
-    digest = hashlib.blake2b(repr((model, geometry, dtype, page_size)).encode(), digest_size=8).hexdigest()
+def namespace(model: str, specs: Sequence[KVLayerSpec], window: int, dtype: str, page_size: int) -> str:
+    """The key namespace: readable model name plus a digest of everything the bytes depend on.
+    The digested text is fixed (the layers' kind, heads and dims, then the window, dtype and page
+    size), so blocks written by an earlier version stay readable; tests/engine pins it."""
+    layers = ", ".join(
+        f"LayerKVSpec(kind={s.kind!r}, kv_heads={s.kv_heads}, k_dim={s.k_dim}, v_dim={s.v_dim})" for s in specs
+    )
+    text = f"({model!r}, ([{layers}], {window!r}), {dtype!r}, {page_size!r})"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
     return f"{model}/{digest}"
 
 

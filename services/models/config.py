@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.kv_spec import KVLayerSpec, kv_kind
+
 FULL = "full"
 SWA = "swa"
 LAYER_KINDS = (FULL, SWA)
@@ -54,16 +56,6 @@ class AttentionSpec:
     @property
     def scale(self) -> float:
         return float(self.head_dim) ** -0.5
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    """What a KV pool needs to know about one layer."""
-
-    kv_heads: int
-    k_head_dim: int
-    v_head_dim: int
-    window: int | None  # None: keep every token; else the query sees itself + `window` previous tokens
 
 
 @dataclass(frozen=True)
@@ -158,13 +150,15 @@ class ModelConfig:
     def layer_window(self, layer_id: int) -> int | None:
         return self.window if self.layer_kinds[layer_id] == SWA else None
 
-    def kv_geometry(self, layer_id: int) -> KVGeometry:
+    def kv_spec(self, layer_id: int) -> KVLayerSpec:
+        """What a KV pool, a payload and an L3 key need to know about the layer's KV."""
         spec = self.attention(layer_id)
-        return KVGeometry(spec.num_kv_heads, spec.head_dim, spec.v_head_dim, self.layer_window(layer_id))
+        kind = kv_kind(self.layer_kinds[layer_id])
+        return KVLayerSpec(kind, spec.num_kv_heads, spec.head_dim, spec.v_head_dim, self.layer_window(layer_id))
 
     @property
-    def kv_geometries(self) -> tuple[KVGeometry, ...]:
-        return tuple(self.kv_geometry(i) for i in range(self.num_layers))
+    def kv_specs(self) -> tuple[KVLayerSpec, ...]:
+        return tuple(self.kv_spec(i) for i in range(self.num_layers))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
+from services.common.kv_spec import dtype_itemsize, torch_dtype
 from services.models.presets import DENSE, SWA, get_preset, transformers_mirror
 from services.models.tokenizer_build import VOCAB_SIZE as TOKENIZER_VOCAB
 from services.models.tokenizer_build import write_qwen_tokenizer
@@ -43,7 +44,6 @@ from services.models.tokenizer_build import write_qwen_tokenizer
 Init = Literal["matrix", "norm", "sink", "router_bias"]
 NORM_NOISE, SINK_STD, ROUTER_BIAS_STD = 0.05, 1.0, 0.05
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -187,12 +187,12 @@ def init_model(
             raise ValueError(
                 f"{key}={config[key]} outside vocab_size={config['vocab_size']}; override it too"
             )
-    torch_dtype = _DTYPES[dtype]
+    weights_dtype = torch_dtype(dtype)  # a ValueError naming the choices for an unknown name
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     specs = checkpoint_tensors(config)
-    shards = plan_shards(specs, torch.tensor([], dtype=torch_dtype).element_size(), max_shard_bytes)
+    shards = plan_shards(specs, dtype_itemsize(dtype), max_shard_bytes)
     names = (
         ["model.safetensors"]
         if len(shards) == 1
@@ -201,7 +201,7 @@ def init_model(
     weight_map: dict[str, str] = {}
     total = 0
     for file_name, shard in zip(names, shards, strict=True):
-        tensors = {s.name: sample_tensor(s, seed, config["initializer_range"], torch_dtype) for s in shard}
+        tensors = {s.name: sample_tensor(s, seed, config["initializer_range"], weights_dtype) for s in shard}
         save_file(tensors, str(out / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from services.common.kv_payload import DTYPES, KVMeta, KVPayload, LayerMeta
+from services.common.kv_payload import KVMeta, KVPayload
+from services.common.kv_spec import KVLayerSpec, torch_dtype
 from services.common.kv_wire import (
     KVWireError,
     PayloadAssembler,
@@ -26,8 +27,8 @@ from services.common.kv_wire import (
 )
 from services.proto_gen import kv_pb2
 
-FULL = LayerMeta("full", 4, 192, 128)  # MiMo-V2-Flash: full layers 4 KV heads, SWA layers 8
-SWA = LayerMeta("swa", 8, 192, 128)
+FULL = KVLayerSpec("full", 4, 192, 128)  # MiMo-V2-Flash: full layers 4 KV heads, SWA layers 8
+SWA = KVLayerSpec("swa", 8, 192, 128)
 MIMO_LAYERS = (FULL, SWA, SWA, SWA, SWA, FULL, SWA, SWA)
 
 
@@ -38,7 +39,7 @@ def mimo_meta(n: int, dtype: str = "bfloat16", rid: str = "r", window: int = 128
 def random_payload(meta: KVMeta, seed: int = 0) -> KVPayload:
     """Random bit patterns (NaNs included): equality is checked on bits, never on values."""
     g = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[meta.dtype]
+    dtype = torch_dtype(meta.dtype)
 
     def rand(shape: tuple[int, int, int]) -> torch.Tensor:
         nbytes = math.prod(shape) * meta.itemsize

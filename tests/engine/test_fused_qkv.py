@@ -176,7 +176,7 @@ def pro(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Weigh
 def test_pro_geometry_is_8_kv_heads_everywhere(pro: tuple[dict[str, Any], Weights, Path]) -> None:
     config = load_config(pro[2])
     assert config.qkv_layout == "fused_qkv" and config.fused_qkv_tp == 8
-    assert [(g.kv_heads, g.window) for g in config.kv_geometries] == [(8, None), (8, 6), (8, 6), (8, None)]
+    assert [(g.kv_heads, g.window) for g in config.kv_specs] == [(8, None), (8, 6), (8, 6), (8, None)]
 
 
 def test_fused_pro_checkpoint_matches_plain_forward(pro: tuple[dict[str, Any], Weights, Path]) -> None:

@@ -146,6 +146,6 @@ def test_layer_wise_restore_waits_for_each_layer_and_equals_recompute(mimo, laye
             conv += req.output_ids
     assert restored > 0
     if layerwise:  # one layer at a time, in model order (the blocking path copies all at once)
-        layers = len(mimo.config.kv_geometries)
+        layers = len(mimo.config.kv_specs)
         assert loads and len(loads) % layers == 0
         assert loads[:layers] == list(range(layers))

@@ -48,8 +48,8 @@ def test_bytes_sent_match_the_geometry(model, n):
     _, payload = prefill(pre, [1] * n)
     window = cfg.window or 0
     per_token = {"full": 0, "swa": 0}
-    for g in cfg.kv_geometries:
-        per_token["full" if g.window is None else "swa"] += g.kv_heads * (g.k_head_dim + g.v_head_dim) * 4
+    for g in cfg.kv_specs:
+        per_token["full" if g.window is None else "swa"] += g.kv_heads * (g.k_dim + g.v_dim) * 4
     expected = n * per_token["full"] + min(n, window) * per_token["swa"]
     assert payload.nbytes == expected == payload.meta.nbytes
     if window:

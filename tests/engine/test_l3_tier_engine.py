@@ -69,9 +69,7 @@ def _check(model, first, req, prompt) -> None:
 
 
 def test_kv_bytes_round_trip_between_a_device_store_and_a_host_layout(mimo):
-    from services.engine.engine import kv_specs
-
-    specs = kv_specs(mimo.config)
+    specs = list(mimo.config.kv_specs)
     torch.manual_seed(0)
     dev = KVStore(specs, 12, 10, PAGE)
     for t in dev.k + dev.v:

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from transformers import MiMoV2FlashConfig
 
+from services.common.kv_spec import KVLayerSpec
 from services.models.config import (
     FULL,
     SWA,
-    KVGeometry,
     ModelConfig,
     load_config,
     window_from_config,
@@ -121,8 +121,8 @@ def test_flash_geometry_from_the_hub_config() -> None:
     c = ModelConfig.from_dict(flash_hub())
     assert [i for i, kind in enumerate(c.layer_kinds) if kind == FULL] == FLASH_FULL_LAYERS
     assert c.is_moe == (False,) + (True,) * 47
-    assert c.kv_geometry(0) == KVGeometry(kv_heads=4, k_head_dim=192, v_head_dim=128, window=None)
-    assert c.kv_geometry(1) == KVGeometry(kv_heads=8, k_head_dim=192, v_head_dim=128, window=128)
+    assert c.kv_spec(0) == KVLayerSpec("full", kv_heads=4, k_dim=192, v_dim=128, window=None)
+    assert c.kv_spec(1) == KVLayerSpec("swa", kv_heads=8, k_dim=192, v_dim=128, window=128)
     assert c.window == 128
     assert (c.full_attention.rope_theta, c.swa_attention and c.swa_attention.rope_theta) == (5e6, 1e4)
     assert c.full_attention.rotary_dim == 64 and c.full_attention.rotated_dims == 64
@@ -224,7 +224,7 @@ def test_pro_geometry_and_fused_qkv() -> None:
     c = ModelConfig.from_dict(
         flash_hub() | {"num_key_value_heads": 8, "attention_projection_layout": "fused_qkv"}
     )
-    assert {g.kv_heads for g in c.kv_geometries} == {8}
+    assert {g.kv_heads for g in c.kv_specs} == {8}
     assert c.qkv_layout == "fused_qkv" and c.fused_qkv_tp == 8
 
 
@@ -278,7 +278,7 @@ def test_llama_config() -> None:
     )
     assert c.full_attention.rope_theta == 100000 and not c.full_attention.has_sinks
     assert c.tie_word_embeddings and not c.attention_bias and c.attention_value_scale == 1.0
-    assert c.kv_geometries == (KVGeometry(3, 64, 64, None),) * 30
+    assert c.kv_specs == (KVLayerSpec("full", 3, 64, 64, None),) * 30
 
 
 def test_transformers_5_llama_rope_parameters_equal_rope_theta() -> None:

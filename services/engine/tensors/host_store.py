@@ -12,13 +12,14 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.tensors.kv_store import KVStore, LayerKVSpec
+from services.common.kv_spec import KVLayerSpec
+from services.engine.tensors.kv_store import KVStore
 
 
 class HostKVStore:
     def __init__(
         self,
-        specs: list[LayerKVSpec],
+        specs: list[KVLayerSpec],
         num_full_pages: int,
         num_swa_pages: int,
         page_size: int,

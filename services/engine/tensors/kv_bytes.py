@@ -19,12 +19,13 @@ from collections.abc import Sequence
 
 import torch
 
-from services.engine.tensors.kv_store import LayerKVSpec
+from services.common.kv_spec import KVLayerSpec, dtype_name
 
 
-def page_nbytes(specs: Sequence[LayerKVSpec], kind: str, page_size: int, dtype: torch.dtype) -> int:
+def page_nbytes(specs: Sequence[KVLayerSpec], kind: str, page_size: int, dtype: torch.dtype) -> int:
     """Bytes one page of `kind` takes in a value."""
-    return page_size * sum(s.bytes_per_token(dtype) for s in specs if s.kind == kind)
+    name = dtype_name(dtype)
+    return page_size * sum(s.bytes_per_token(name) for s in specs if s.kind == kind)
 
 
 def _paged(t: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def _paged(t: torch.Tensor, page_size: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def read_pages(
-    k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], specs: Sequence[LayerKVSpec], kind: str,
+    k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], specs: Sequence[KVLayerSpec], kind: str,
     page_size: int, pages: Sequence[int],
 ) -> torch.Tensor:  # fmt: skip
     """The pages' bytes as a CPU uint8 tensor [len(pages), page_nbytes]: row i is page i's value."""
@@ -51,7 +52,7 @@ def read_pages(
 
 @torch.inference_mode()
 def write_pages(
-    k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], specs: Sequence[LayerKVSpec], kind: str,
+    k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], specs: Sequence[KVLayerSpec], kind: str,
     page_size: int, pages: Sequence[int], data: torch.Tensor | memoryview | bytes,
 ) -> None:  # fmt: skip
     """Install `data` (len(pages) values' worth of bytes, read_pages' layout) into the pages."""

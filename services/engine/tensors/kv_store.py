@@ -7,26 +7,15 @@ that holds the bytes. Page ids mean the same thing in every layer of a kind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class LayerKVSpec:
-    kind: str  # "full" or "swa"
-    kv_heads: int
-    k_dim: int
-    v_dim: int
-
-    def bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.kv_heads * (self.k_dim + self.v_dim) * torch.empty((), dtype=dtype).element_size()
+from services.common.kv_spec import KVLayerSpec
 
 
 class KVStore:
     def __init__(
         self,
-        specs: list[LayerKVSpec],
+        specs: list[KVLayerSpec],
         num_full_pages: int,
         num_swa_pages: int,
         page_size: int,
@@ -39,8 +28,6 @@ class KVStore:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for spec in specs:
-            if spec.kind not in ("full", "swa"):
-                raise ValueError(f"unknown layer kind {spec.kind!r}")
             slots = (num_full_pages if spec.kind == "full" else num_swa_pages) * page_size
             self.k.append(torch.zeros(slots, spec.kv_heads, spec.k_dim, dtype=dtype, device=device))
             self.v.append(torch.zeros(slots, spec.kv_heads, spec.v_dim, dtype=dtype, device=device))

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from services.common.kv_payload import DTYPE_NAMES, KVMeta, KVPayload, LayerMeta
+from services.common.kv_payload import KVMeta, KVPayload
+from services.common.kv_spec import dtype_name
 from services.engine.kv.req_pages import ReqPages
 from services.engine.tensors.kv_store import KVStore
 
 
 def payload_meta(store: KVStore, rid: str, num_tokens: int, window: int) -> KVMeta:
-    layers = tuple(LayerMeta(s.kind, s.kv_heads, s.k_dim, s.v_dim) for s in store.specs)
-    return KVMeta(rid=rid, num_tokens=num_tokens, window=window, dtype=DTYPE_NAMES[store.dtype], layers=layers)
+    return KVMeta(rid=rid, num_tokens=num_tokens, window=window, dtype=dtype_name(store.dtype), layers=tuple(store.specs))
 
 
 @torch.inference_mode()
