@@ -67,3 +67,8 @@ clean:
 .PHONY: dashboards
 dashboards: setup
 	$(VENV)/bin/swaserve dashboards generate
+
+# the fault suite (marker `faults`: kill -9 of each service under load on a real local fleet; not in `make test`)
+.PHONY: faults
+faults: setup
+	$(VENV)/bin/pytest -q -m faults tests/faults $(PYTEST_ARGS)
