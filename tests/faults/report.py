@@ -28,6 +28,8 @@ class FaultReport:
     last_fail_sent_after_s: float | None  # kill -> send of the last request that failed before a token
     ttft_p50_before: float | None
     ttft_p50_after: float | None
+    e2e_max_before: float | None  # the slowest answered request sent before / after the kill
+    e2e_max_after: float | None
     before: dict[str, ProcStats]
     after: dict[str, ProcStats]
     examples: list[str] = field(default_factory=list)
@@ -58,6 +60,11 @@ class FaultReport:
             last_fail_sent_after_s=max((o.sent_at - killed_at for o in failed), default=None),
             ttft_p50_before=p50([o.ttft for o in outcomes if o.ttft is not None and o.sent_at < killed_at]),
             ttft_p50_after=p50([o.ttft for o in after_kill if o.ttft is not None]),
+            e2e_max_before=max(
+                (o.ended_at - o.sent_at for o in outcomes if o.answered and o.sent_at < killed_at),
+                default=None,
+            ),
+            e2e_max_after=max((o.ended_at - o.sent_at for o in after_kill if o.answered), default=None),
             before=before,
             after=after,
             examples=[
@@ -99,7 +106,7 @@ class FaultReport:
             f"| {self.fault} | {self.sent} | {self.answered} | {self.retries:.0f} | {fails}"
             f"{f' ({by})' if by else ''} | {self.cut_with_error}/{self.cut_without_error} | {s(self.cut_end_s)} | "
             f"{s(self.first_ok_after_s)} | {s(self.last_fail_sent_after_s)} | {s(self.ttft_p50_before)}/"
-            f"{s(self.ttft_p50_after)} | {rss:.2f}x, +{fds} |"
+            f"{s(self.ttft_p50_after)} | {s(self.e2e_max_before)}/{s(self.e2e_max_after)} | {rss:.2f}x, +{fds} |"
         )
 
     def text(self) -> str:
@@ -107,7 +114,7 @@ class FaultReport:
             f"fault: {self.fault}",
             "| fault | sent | answered | retried | failed before a token | streams cut (error event/none) "
             "| last cut ended (s after kill) | first success after (s) | last failure sent (s after kill) "
-            "| TTFT p50 before/after (s) | max RSS, fd growth |",
+            "| TTFT p50 before/after (s) | slowest answer before/after (s) | max RSS, fd growth |",
             self.row(),
         ]
         for name, b in sorted(self.before.items()):

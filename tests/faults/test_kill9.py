@@ -92,6 +92,8 @@ def run_fault(
     unexpected = {g: why for g, why in failed.items() if g not in gaps}
     assert not unexpected, f"{unexpected}\n{report.text()}\n{fleet.diag()}"
     assert report.answered > 0, report.text()
+    # never hangs, even where G2's error event is a known gap
+    assert report.cut_end_s is None or report.cut_end_s <= CUT_BOUND_S, report.text()
     return report
 
 
@@ -122,7 +124,14 @@ def test_kill_router_replica(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -
     port_a = int(fleet.base.rsplit(":", 1)[1])
     port_b = fleet.start_router_replica()
     with RoundRobinFront([("127.0.0.1", port_a), ("127.0.0.1", port_b)]) as front:
-        run_fault(fleet, "router", capsys, gaps={}, base=front.url, metrics_base=f"http://127.0.0.1:{port_b}",
+        gaps = {
+            "G1": "a request inside the killed router dies with its TCP connection; the front retries only "
+            "a refused connect, the 'retry on the other replica before the first token' policy is the client's "
+            "(tests/integration/test_router_replicas.py) or an HTTP-aware front's",
+            "G2": "a dead router cannot send an error event: its streams end at once with the connection "
+            "(the client sees an incomplete chunked body, no hang)",
+        }
+        run_fault(fleet, "router", capsys, gaps=gaps, base=front.url, metrics_base=f"http://127.0.0.1:{port_b}",
                   keepalive=False)  # fmt: skip
         with capsys.disabled():
             print(
