@@ -85,11 +85,16 @@ class FaultReport:
                 out.append(f"{name}: rss {b.rss_kib} -> {a.rss_kib} KiB, fds {b.fds} -> {a.fds}")
         return out
 
-    def growth(self) -> tuple[float, int]:
-        """The largest RSS ratio after/before and the largest fd increase among the survivors."""
-        pairs = [(b, self.after[n]) for n, b in self.before.items() if n in self.after]
+    def growth(self, gcache: bool = False) -> tuple[float | None, int]:
+        """The largest RSS ratio after/before and the largest fd increase among the survivors: GCache
+        nodes (their memory tier fills under load) or the others."""
+        pairs = [
+            (b, self.after[n])
+            for n, b in self.before.items()
+            if n in self.after and n.startswith("gcache") == gcache
+        ]
         return (
-            max((a.rss_kib / b.rss_kib for b, a in pairs), default=1.0),
+            max((a.rss_kib / b.rss_kib for b, a in pairs), default=None),
             max((a.fds - b.fds for b, a in pairs), default=0),
         )
 
@@ -102,11 +107,13 @@ class FaultReport:
         fails = sum(self.failed_before_token.values())
         by = ", ".join(f"{k}: {v}" for k, v in sorted(self.failed_before_token.items()))
         rss, fds = self.growth()
+        rss_gc, fds_gc = self.growth(gcache=True)
         return (
             f"| {self.fault} | {self.sent} | {self.answered} | {self.retries:.0f} | {fails}"
             f"{f' ({by})' if by else ''} | {self.cut_with_error}/{self.cut_without_error} | {s(self.cut_end_s)} | "
             f"{s(self.first_ok_after_s)} | {s(self.last_fail_sent_after_s)} | {s(self.ttft_p50_before)}/"
-            f"{s(self.ttft_p50_after)} | {s(self.e2e_max_before)}/{s(self.e2e_max_after)} | {rss:.2f}x, +{fds} |"
+            f"{s(self.ttft_p50_after)} | {s(self.e2e_max_before)}/{s(self.e2e_max_after)} | {rss or 1:.2f}x / "
+            f"{'-' if rss_gc is None else f'{rss_gc:.2f}x'}; +{max(fds, fds_gc)} |"
         )
 
     def text(self) -> str:
@@ -114,7 +121,7 @@ class FaultReport:
             f"fault: {self.fault}",
             "| fault | sent | answered | retried | failed before a token | streams cut (error event/none) "
             "| last cut ended (s after kill) | first success after (s) | last failure sent (s after kill) "
-            "| TTFT p50 before/after (s) | slowest answer before/after (s) | max RSS, fd growth |",
+            "| TTFT p50 before/after (s) | slowest answer before/after (s) | RSS growth: others / GCache; fds |",
             self.row(),
         ]
         for name, b in sorted(self.before.items()):
