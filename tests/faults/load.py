@@ -1,7 +1,8 @@
 """A steady open-loop load: one request every 1/rate seconds, whatever the answers do.
 
-Requests are streamed or plain at random (half each) `/v1/completions` (random token-id prompts,
-`ignore_eos`, a fixed `max_tokens`), each on its own thread from a pool, over real HTTP (httpx).
+Requests are `/v1/completions`, streamed or plain in pairs (S S p p ..: any 4 in a row hold both
+kinds), with random token-id prompts, `ignore_eos` and a fixed `max_tokens`, each on its own thread
+from a pool, over real HTTP (httpx).
 Each request's outcome is recorded: answered, failed with which status (or exception), a stream
 cut after tokens with or without an error event, its time to first token and when it ended.
 """
@@ -94,9 +95,9 @@ class OpenLoad:
             if (wait := due - time.monotonic()) > 0 and self._stop.wait(wait):
                 break
             prompt = [self.rng.randrange(100, 100_000) for _ in range(self.rng.randint(*self.prompt_len))]
-            stream = (
-                self.rng.random() < 0.5
-            )  # not k % 2: a round-robin front would give one backend all streams
+            # S S p p S S p p ..: any 4 in a row hold both kinds, and so does every backend of a
+            # 2-way round-robin front (k % 2 alone would give one of them only streams)
+            stream = k // 2 % 2 == 0
             out = Outcome(k, stream=stream, base=self.bases[k % len(self.bases)], sent_at=time.monotonic())
             self.outcomes.append(out)
             self._futures.append(self._pool.submit(self._one, out, prompt))

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.fleet import HEARTBEAT_TTL, Fleet, swaserve_fleet
+from services.common.registry import WorkerRegistry
+from tests.faults.fleet import HEARTBEAT_TTL, MODEL, Fleet, swaserve_fleet
 from tests.faults.front import RoundRobinFront
 from tests.faults.load import OpenLoad
 from tests.faults.report import FaultReport
@@ -111,6 +112,13 @@ def test_kill_decode_worker(fleet: Fleet, capsys: pytest.CaptureFixture[str]) ->
 
 def test_kill_redis(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
     run_fault(fleet, "redis", capsys, gaps={})
+    # swaserve up restarted it empty; the workers' heartbeats (every TTL/3) registered them again
+    registry = WorkerRegistry(fleet.redis_url)
+    try:
+        roles = sorted(r.role for r in registry.list(model=MODEL))
+    finally:
+        registry.redis.close()
+    assert roles == ["decode"] * fleet.decode + ["prefill"] * fleet.prefill, roles
 
 
 def test_kill_gcache_node(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
