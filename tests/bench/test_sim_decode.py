@@ -79,7 +79,8 @@ def test_at_most_max_running_decode_at_once() -> None:
     async def run() -> None:
         d = SimDecoder(10_000, 2, CostModel(time_scale=20))
         tasks = [asyncio.ensure_future(collect(d, f"r{i}", [i + 1], 10)) for i in range(5)]
-        await asyncio.sleep(0.005)
+        for _ in range(20):  # every request submitted; no wall time passes, so no step ends (a loaded
+            await asyncio.sleep(0)  # machine once slept 5 ms long enough for a request to finish)
         assert (d.running, d.waiting) == (2, 3)
         done = await asyncio.gather(*tasks)
         assert all(c[-1].completion_tokens == 10 for c in done)
