@@ -4,7 +4,8 @@
                 and raises, so nothing has been sent to the client yet
     events()    merges the choices' text events in arrival order; a failure raises mid-stream
                 (one choice, the common case, runs in the caller's task: no task or queue hop)
-    complete()  start + collect, for non-streaming answers
+    complete()  start + collect, for non-streaming answers (run once more if a worker dies while
+                decoding: nothing has reached the client)
 
 Both HTTP endpoints (and any other transport) call this; it never sees a FastAPI request.
 """
@@ -12,16 +13,21 @@ Both HTTP endpoints (and any other transport) call this; it never sees a FastAPI
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from contextlib import aclosing
 
 from services.router.dispatch import Dispatcher, Generation, HeldAborts
-from services.router.errors import RouterError
+from services.router.errors import RouterError, WorkerUnavailable
 from services.router.job import ChoiceEvent, ChoiceResult, CompletionJob, Usage
 from services.router.metrics import RouterMetrics
 from services.router.textstream import ChoiceText, TokenText
+
+log = logging.getLogger("swaserve.router.completion")
+
+NON_STREAMED_RERUNS = 1  # a non-streamed request runs again at most this often after a worker death
 
 
 class CompletionCore:
@@ -37,27 +43,49 @@ class CompletionCore:
         """Aborts of the caller's requests wait for the handle's release (Dispatcher.hold_aborts)."""
         return self.dispatcher.hold_aborts()
 
-    async def start(self, job: CompletionJob, arrival: float | None = None) -> CompletionRun:
-        run = CompletionRun(self, job, time.monotonic() if arrival is None else arrival)
+    async def start(
+        self, job: CompletionJob, arrival: float | None = None, avoid: Collection[str] = ()
+    ) -> CompletionRun:
+        """`avoid`: worker addresses that failed an earlier run of the job."""
+        run = CompletionRun(self, job, time.monotonic() if arrival is None else arrival, avoid)
         await run.open()
         return run
 
     async def complete(
         self, job: CompletionJob, arrival: float | None = None
     ) -> tuple[list[ChoiceResult], Usage]:
-        run = await self.start(job, arrival)
-        results = [ChoiceResult(i) for i in range(job.num_choices)]
-        async with aclosing(run.events()) as events:
-            async for ev in events:
-                results[ev.index].add(ev)
-        return results, run.usage()
+        """A non-streamed answer. Nothing reaches the client before the whole answer, so when a
+        worker dies while decoding (WorkerUnavailable from its stream: the dispatcher probes it and
+        marks it down) the request runs once more from the start on the workers left; the client
+        sees one answer. Other errors, and a second death, are the client's answer."""
+        failed: set[str] = set()
+        for attempt in range(1 + NON_STREAMED_RERUNS):
+            run = await self.start(job, arrival, failed)
+            results = [ChoiceResult(i) for i in range(job.num_choices)]
+            try:
+                async with aclosing(run.events()) as events:
+                    async for ev in events:
+                        results[ev.index].add(ev)
+            except WorkerUnavailable as e:
+                run.close()
+                failed.update(run.decode_addrs)  # the one that died among them (one for n = 1)
+                if attempt == NON_STREAMED_RERUNS:
+                    raise
+                self.metrics.retries.inc()
+                log.warning("completion %s: %s while decoding; running it again", run.id, e)
+                continue
+            return results, run.usage()
+        raise AssertionError("unreachable")
 
 
 class CompletionRun:
-    def __init__(self, core: CompletionCore, job: CompletionJob, arrival: float) -> None:
+    def __init__(
+        self, core: CompletionCore, job: CompletionJob, arrival: float, avoid: Collection[str] = ()
+    ) -> None:
         self._core = core
         self.job = job
         self.arrival = arrival
+        self._avoid = avoid
         self.id = uuid.uuid4().hex
         self._gens: list[Generation] = []
         self._completion_tokens = [0] * job.num_choices
@@ -86,7 +114,7 @@ class CompletionRun:
         job = self.job
         prompt = job.prompts[index // job.n]
         gen = await self._core.dispatcher.open(
-            f"{self.id}-{index}", prompt, job.choice_sampling(index % job.n)
+            f"{self.id}-{index}", prompt, job.choice_sampling(index % job.n), self._avoid
         )
         m = self._core.metrics
         m.ttft.labels(bucket=m.bucket_of(len(prompt))).observe(time.monotonic() - self.arrival)
@@ -122,6 +150,11 @@ class CompletionRun:
         m = self._core.metrics
         first = self.job.prompts[0] if self.job.prompts else []
         m.e2e.labels(bucket=m.bucket_of(len(first))).observe(time.monotonic() - self.arrival)
+
+    @property
+    def decode_addrs(self) -> set[str]:
+        """The decode workers this run's sequences went to."""
+        return {g.decode_addr for g in self._gens}
 
     def close(self) -> None:
         """Abort every sequence still open (idempotent; a no-op after events() ran to the end)."""

@@ -132,12 +132,15 @@ class Dispatcher:
         self.metrics = metrics
         self._background: set[asyncio.Future[Any]] = set()
 
-    async def open(self, rid: str, prompt_ids: Sequence[int], sampling: SamplingParams) -> Generation:
-        """Reserve + Prefill; returns once the first token is known and the KV sits at decode."""
+    async def open(
+        self, rid: str, prompt_ids: Sequence[int], sampling: SamplingParams, avoid: Collection[str] = ()
+    ) -> Generation:
+        """Reserve + Prefill; returns once the first token is known and the KV sits at decode.
+        `avoid`: worker addresses that failed this request before (avoided while others remain)."""
         error: RouterError = NoWorkerAvailable("no worker available")
         packed = pack_ids(prompt_ids)  # the wire form, once (one copy of an array("I"))
         prompt = _PromptWire(prompt_ids, packed, prompt_key(packed))
-        failed: set[str] = set()
+        failed: set[str] = set(avoid)
         for attempt in range(self.settings.max_attempts):
             if attempt and self.metrics is not None:
                 self.metrics.retries.inc()

@@ -390,3 +390,26 @@ def test_discovery_failure_is_503(model_dir: Path) -> None:
             assert h.get("/health").json()["status"] == "discovery_failed"
     finally:
         router.close()
+
+
+def test_a_non_streamed_request_runs_again_when_its_decode_worker_dies(
+    model_dir: Path, toy: ToyModel, lonely: tuple[FakePrefillWorker, FakeDecodeWorker, str]
+) -> None:
+    """Nothing of a non-streamed answer has reached the client when its decode worker dies: the
+    router runs it again on the worker left (the dead one probed and marked down) and answers once,
+    the same text as a request that never met the failure."""
+    prefill, decode, _ = lonely
+    dying = FakeDecodeWorker(toy).start()
+    dying.chunk_size, dying.die_after_chunks = 1, 1
+    router = serve_router(model_dir, StaticWorkerPool([prefill.addr], [dying.addr, decode.addr], down_seconds=60))
+    try:
+        with router.http() as h:
+            answers = [h.post(COMPLETIONS, json=comp(max_tokens=6, temperature=0)) for _ in range(4)]
+            metrics = h.get("/metrics").text
+    finally:
+        router.close()
+        dying.stop()
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    texts = {r.json()["choices"][0]["text"] for r in answers}
+    assert len(texts) == 1 and all(r.json()["usage"]["completion_tokens"] == 6 for r in answers)
+    assert "swaserve_router_retries_total 0.0" not in metrics  # it was tried, and died
