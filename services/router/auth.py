@@ -19,7 +19,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,10 +221,14 @@ class MeteredCore(CompletionCore):
         super().__init__(dispatcher, tok, eos, metrics)
         self.gate = gate
 
-    async def start(self, job: CompletionJob, arrival: float | None = None) -> CompletionRun:
+    async def start(
+        self, job: CompletionJob, arrival: float | None = None, avoid: Collection[str] = ()
+    ) -> CompletionRun:
+        """A rerun after a worker died (`avoid` set: CompletionCore.complete) is admitted again: the
+        failed run was settled with the tokens it used, the rerun reserves its own."""
         rec = CURRENT_KEY.get()
         charge = None if rec is None else await self.gate.admit(rec, tokens=job_tokens(job))
-        run = _MeteredRun(self, job, time.monotonic() if arrival is None else arrival, charge)
+        run = _MeteredRun(self, job, time.monotonic() if arrival is None else arrival, charge, avoid)
         try:
             await run.open()
         except BaseException:
@@ -240,8 +244,11 @@ def job_tokens(job: CompletionJob) -> int:
 
 
 class _MeteredRun(CompletionRun):
-    def __init__(self, core: MeteredCore, job: CompletionJob, arrival: float, charge: Charge | None) -> None:
-        super().__init__(core, job, arrival)
+    def __init__(
+        self, core: MeteredCore, job: CompletionJob, arrival: float, charge: Charge | None,
+        avoid: Collection[str] = (),
+    ) -> None:  # fmt: skip
+        super().__init__(core, job, arrival, avoid)
         self._gate = core.gate
         self._charge = charge
 
