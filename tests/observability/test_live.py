@@ -109,12 +109,15 @@ def test_prompt_tokens_by_source_add_up_and_are_never_absent(stack: tuple[str, s
     assert set(by_source) == {"computed", "l1", "l2", "l3"}  # l2/l3 exist at 0 before any hit
     assert sum(by_source.values()) == info["prompt_tokens"]
     assert by_source["l1"] > 0 and by_source["computed"] > 0
-    # the prefill worker's own view agrees with the router's on every source
-    worker = {
-        s.labels["source"]: s.points[0][1]
-        for s in query(prom, "sum by (source) (swaserve_prefill_prompt_tokens_total)")
-    }
-    assert worker == by_source
+    # the prefill worker's own view agrees with the router's on every source (Prometheus scrapes the
+    # worker on its own schedule: wait for a scrape after the last request, not just the router's)
+    def worker() -> dict[str, float]:
+        return {
+            s.labels["source"]: s.points[0][1]
+            for s in query(prom, "sum by (source) (swaserve_prefill_prompt_tokens_total)")
+        }
+
+    assert wait_for(lambda: worker() == by_source, timeout=30), (worker(), by_source)
     # TTFT per length bucket: the replay's prompts are all "short"; medium and long exist, empty
     counts = {s.labels["bucket"]: s.points[0][1] for s in query(prom, "swaserve_router_ttft_seconds_count")}
     assert counts["short"] == len(TRACE) and counts["medium"] == counts["long"] == 0
