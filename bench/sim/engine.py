@@ -104,20 +104,7 @@ class SimEngine:
         self.cost = cost
         self.clock = SimClock(cost.time_scale)
         self.name = name
-        bk = build_bookkeeping(
-            BookkeepingConfig(
-                page_size=cfg.page_size,
-                window=cfg.window,
-                max_total_tokens=cfg.max_total_tokens,
-                swa_pages=cfg.swa_pages,
-                chunk_size=cfg.chunk_size,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_running=cfg.max_running,
-                queue_policy=cfg.queue_policy,
-                enable_prefix_cache=cfg.enable_prefix_cache,
-            ),
-            self.clock.now,
-        )
+        bk = build_bookkeeping(BookkeepingConfig.of(cfg), self.clock.now)
         self.full_pool, self.swa_pool, self.cache = bk.full_pool, bk.swa_pool, bk.cache
         self.events, self.scheduler = bk.events, bk.scheduler
         self.on_change: list[OnChange] = []

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from services.common.kv_events import EventBuffer
 from services.engine.kv.host_tier import HostTier
@@ -41,6 +42,13 @@ class BookkeepingConfig:
     enable_prefix_cache: bool = True
     host_kv_tokens: int = 0  # L2: full-attention tokens the host tier holds (0: no L2)
     host_swa_pages: int | None = None  # L2 SWA pages for cached tails (None: as many as full pages)
+
+    @classmethod
+    def of(cls, cfg: Any, **given: Any) -> BookkeepingConfig:
+        """From a config that carries these fields under the same names (EngineConfig,
+        SimEngineConfig): every field it has, `given` for the rest (e.g. the model's window)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{n: getattr(cfg, n) for n in names if hasattr(cfg, n) and n not in given}, **given)
 
     @property
     def window_pages(self) -> int:

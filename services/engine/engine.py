@@ -89,21 +89,7 @@ class Engine:
         self.tokenizer = tokenizer
         p = cfg.page_size
         self.window = swa_window(model_cfg)
-        bk = build_bookkeeping(
-            BookkeepingConfig(
-                page_size=p,
-                window=self.window,
-                max_total_tokens=cfg.max_total_tokens,
-                swa_pages=cfg.swa_pages,
-                chunk_size=cfg.chunk_size,
-                max_batch_tokens=cfg.max_batch_tokens,
-                max_running=cfg.max_running,
-                queue_policy=cfg.queue_policy,
-                enable_prefix_cache=cfg.enable_prefix_cache,
-                host_kv_tokens=cfg.host_kv_tokens,
-                host_swa_pages=cfg.host_swa_pages,
-            )
-        )
+        bk = build_bookkeeping(BookkeepingConfig.of(cfg, window=self.window))
         self.full_pool, self.swa_pool, self.cache, self.events = bk.full_pool, bk.swa_pool, bk.cache, bk.events
         self.scheduler, self.host, self.host_events = bk.scheduler, bk.host, bk.host_events
         num_full, num_swa = self.full_pool.num_pages, self.swa_pool.num_pages
